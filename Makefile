@@ -1,0 +1,32 @@
+# Two commands: `make demo` and `make test`. Both create .venv on first use and reinstall
+# only when a requirements file changed (stamp files inside .venv record what is installed).
+PYTHON_BOOT ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+
+.PHONY: demo test install clean-venv
+
+$(PY):
+	$(PYTHON_BOOT) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+$(VENV)/.runtime-installed: requirements.txt | $(PY)
+	$(PIP) install -q -r requirements.txt
+	touch $@
+
+$(VENV)/.test-installed: requirements-test.txt $(VENV)/.runtime-installed
+	$(PIP) install -q -r requirements-test.txt
+	touch $@
+
+install: $(VENV)/.runtime-installed
+
+demo: $(VENV)/.runtime-installed
+	$(PY) -m mtower_jax.summary --config=configs/pretrain.py:model=tiny
+	$(PY) -m mtower_jax.tools.forward --config=configs/pretrain.py:model=tiny
+
+test: $(VENV)/.test-installed
+	$(PY) -m pytest -q tests
+
+clean-venv:
+	rm -rf $(VENV)

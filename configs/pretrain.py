@@ -1,0 +1,54 @@
+"""Vision-language pretraining: MLM + ITM on image-caption pairs (DESIGN.md section 4).
+
+    python -m mtower_jax.main --config=configs/pretrain.py:model=tiny,tower=manager,data=synthetic \
+        --workdir=runs/pretrain --config.total_steps=500
+
+Arguments (comma-separated, typed):
+  model  tiny | small | base | large   (tiny runs on a laptop CPU; base is the paper's model)
+  tower  manager | bridge | meter
+  data   synthetic | real               (real: COCO + VG + SBU + CC3M builders under data_dir)
+"""
+import ml_collections
+
+from mtower_jax.config_args import parse_arg
+from mtower_jax.models import model_config
+from mtower_jax.models.config import SIZES
+from mtower_jax.models.towers import TOWERS
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    arg = parse_arg(arg, choices=dict(model=SIZES, tower=TOWERS, data=("synthetic", "real")),
+                    model="tiny", tower="manager", data="synthetic")
+    paper = arg.model in ("base", "large")
+    config = ml_collections.ConfigDict()
+    config.model = model_config(arg.model, arg.tower)
+
+    config.data = ml_collections.ConfigDict(dict(
+        name="synthetic" if arg.data == "synthetic" else "vlp",
+        data_dir="data" if arg.data == "synthetic" else "",  # real data: set to the built tfds dir
+        datasets=("shapes",) if arg.data == "synthetic" else ("coco", "vg", "sbu", "cc3m"),
+        num_workers=0,
+    ))
+    config.losses = ("mlm", "itm")
+    config.mlm_probability = 0.15
+
+    # Recipe: 100k steps at batch 4096 for the paper's models; a few hundred for tiny.
+    config.total_steps = 100_000 if paper else 300
+    config.batch_size = 4096 if paper else 32  # global, across all processes
+    config.grad_accum_steps = 1
+    config.optimizer = ml_collections.ConfigDict(dict(
+        lr=1e-5 if paper else 1e-4, b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.01,
+        warmup_fraction=0.1, grad_clip_norm=0.0,  # 0 = no clipping
+        lr_multipliers=dict(cross_modal=5.0, heads=5.0)))
+    config.on_nonfinite = "skip"
+
+    config.seed = 0
+    config.init_from = ""
+    config.log_every = 100 if paper else 10
+    config.eval_every = 5000 if paper else 100
+    config.checkpoint_every = 5000 if paper else 100
+    config.keep_checkpoints = 3
+    # Mesh axis sizes; -1 takes the remaining devices. Rules map logical axes to mesh axes.
+    config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    config.lock()
+    return config

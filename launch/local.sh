@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Run an mtower_jax command on this machine with the project's virtual environment.
+#
+#   launch/local.sh summary --config=configs/pretrain.py:model=base
+#   DEVICES=8 launch/local.sh tools.forward --config=configs/pretrain.py:model=tiny
+#
+# Variables:
+#   DEVICES   on a CPU-only machine, expose this many host devices to JAX (for mesh tests)
+#   VENV      the virtual environment to use (default: .venv, created by `make install`)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+module=${1:?usage: launch/local.sh MODULE [ARGS...]  (e.g. summary, tools.forward)}
+shift
+VENV=${VENV:-.venv}
+[ -x "$VENV/bin/python" ] || make install
+if [ -n "${DEVICES:-}" ]; then
+  export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=${DEVICES}"
+fi
+exec "$VENV/bin/python" -m "mtower_jax.${module}" "$@"

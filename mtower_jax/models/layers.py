@@ -1,0 +1,113 @@
+"""The parameter-holding building blocks, each creating its parameters with logical axis names.
+
+Every parameter of the model is made here (or by a module that calls `partitioning.logical`
+itself), so the sharding vocabulary is applied in one place. Initialisation follows BERT:
+weights ~ N(0, 0.02), biases 0, LayerNorm scale 1 / bias 0, as the reference code does.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mtower_jax.models.partitioning import logical
+
+Dtype = Any
+INIT_STD = 0.02
+
+
+def normal_init() -> nn.initializers.Initializer:
+    return nn.initializers.normal(stddev=INIT_STD)
+
+
+class Dense(nn.Module):
+    """y = x W + b over the last `contract_dims` dims of x.
+
+    W: [*in_dims, *features], named `axes` (input axes first); b: [*features].
+    """
+
+    features: int | tuple[int, ...]
+    axes: tuple[str, ...]
+    contract_dims: int = 1
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
+        if len(self.axes) != self.contract_dims + len(features):
+            raise ValueError(f"{self.name}: axes {self.axes} do not fit {self.contract_dims} input "
+                             f"and {len(features)} output dims")
+        in_shape = x.shape[x.ndim - self.contract_dims:]
+        kernel = self.param("kernel", logical(normal_init(), self.axes), in_shape + features,
+                            self.param_dtype)
+        y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=self.contract_dims)
+        if self.use_bias:
+            bias = self.param("bias", logical(nn.initializers.zeros_init(),
+                                              self.axes[self.contract_dims:]),
+                              features, self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+class LayerNorm(nn.Module):
+    """y = (x - mean) / sqrt(var + eps) * scale + bias over the last dim, statistics in float32.
+
+    With `stacked=N` it holds N independent norms as [N, D] parameters and normalises an input
+    whose leading dim is N (the managers' per-expert norms, applied in one op).
+    """
+
+    epsilon: float
+    stacked: int = 0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        shape = (x.shape[-1],) if not self.stacked else (self.stacked, x.shape[-1])
+        axes = ("embed",) if not self.stacked else ("experts", "embed")
+        scale = self.param("scale", logical(nn.initializers.ones_init(), axes), shape,
+                           self.param_dtype)
+        bias = self.param("bias", logical(nn.initializers.zeros_init(), axes), shape,
+                          self.param_dtype)
+        if self.stacked:  # [N, D] -> [N, 1, ..., 1, D] against x [N, ..., D]
+            scale = scale.reshape((self.stacked,) + (1,) * (x.ndim - 2) + shape[-1:])
+            bias = bias.reshape(scale.shape)
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
+        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+
+
+class Embed(nn.Module):
+    """A [num_rows, features] table; `__call__` looks rows up, `table` returns it whole."""
+
+    num_rows: int
+    features: int
+    row_axis: str
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self):
+        self.embedding = self.param("embedding", logical(normal_init(), (self.row_axis, "embed")),
+                                    (self.num_rows, self.features), self.param_dtype)
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
+
+    def table(self) -> jax.Array:
+        return jnp.asarray(self.embedding, self.dtype)
+
+
+# `gelu` is the exact erf GELU of BERT/RoBERTa; `quick_gelu` is CLIP's x * sigmoid(1.702 x).
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": functools.partial(nn.gelu, approximate=False),
+    "gelu_tanh": functools.partial(nn.gelu, approximate=True),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "relu": nn.relu,
+}

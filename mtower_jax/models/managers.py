@@ -1,0 +1,120 @@
+"""Managers: aggregate the top N uni-modal layers ("experts") into the input of a cross-modal layer.
+
+For cross-modal layer l of one stream, with experts X_1..X_N [B, L, D] (uni-modal layers after
+transform + token type + layer embedding) and C = C_{l-1} the stream's previous cross-modal output:
+
+  SAUE (static):    s_n learned per expert ([D] for `vector`, scalar for `scalar`), init 1/N
+      alpha = softmax_n((s_n + eps_n) / tau)                eps ~ N(0, 1/N^2) per element, train only
+      out   = sum_n alpha_n * LN_n(X_n)  [+ w_c * LN_c(C)  for l >= 2; w_c init 1, outside the softmax]
+
+  AAUE (adaptive, l >= 2; layer 1 is always SAUE since there is no C_0):
+      c = LN_c(C),  q = LN_q(C_other)                       C_other: the other stream's C_{l-1}
+      a = softmax((c W_q + b_q)(q W_k + b_k)^T / sqrt(D)) q  single head, no value projection, no mask
+      s = [a ; c] W + b                                     [B, L, N]: per-token expert logits
+      out = sum_n softmax_n((s_n + eps_n) / tau) * LN_n(X_n) + w_c * c
+
+tau is a learnable temperature (init `manager.temperature`, frozen unless `learn_temperature`).
+Each manager returns its output [B, L, D] and its expert weights averaged over channels [B, L, N].
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from mtower_jax.models.layers import Dense, Dtype, LayerNorm
+from mtower_jax.models.partitioning import logical
+
+
+class _ManagerBase(nn.Module):
+    cfg: ml_collections.FrozenConfigDict  # model.manager
+    first_layer: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def _weight_shape(self, width: int) -> tuple[tuple[int, ...], tuple[str | None, ...]]:
+        if self.cfg.weight_type == "vector":
+            return (width,), ("embed",)
+        return (1,), (None,)
+
+    def _temperature(self) -> jax.Array:
+        tau = self.param("temperature", logical(nn.initializers.constant(self.cfg.temperature), ()),
+                         (), self.param_dtype)
+        return tau if self.cfg.learn_temperature else jax.lax.stop_gradient(tau)
+
+    def _cross_weight(self, width: int) -> jax.Array:
+        shape, axes = self._weight_shape(width)
+        return self.param("cross_weight", logical(nn.initializers.ones_init(), axes), shape,
+                          self.param_dtype)
+
+    def _aggregate(self, logits: jax.Array, experts: jax.Array, cross: jax.Array | None,
+                   train: bool) -> tuple[jax.Array, jax.Array]:
+        """logits broadcastable to experts [N, B, L, D]; cross [B, L, D] or None."""
+        num_experts = experts.shape[0]
+        logits = logits.astype(jnp.float32)
+        if train and self.cfg.noise:
+            noise = jax.random.normal(self.make_rng("dropout"), experts.shape, jnp.float32)
+            logits = logits + noise / num_experts
+        alpha = jax.nn.softmax(logits / self._temperature(), axis=0)  # [N, B|1, L|1, D|1]
+        out = jnp.sum(alpha.astype(self.dtype) * experts, axis=0)
+        if cross is not None:
+            out = out + self._cross_weight(experts.shape[-1]).astype(self.dtype) * cross
+        weights = jnp.broadcast_to(jnp.mean(alpha, axis=-1), experts.shape[:-1])  # [N, B, L]
+        return out, jnp.moveaxis(weights, 0, -1)
+
+    def _norms(self, experts: jax.Array, previous: jax.Array | None):
+        eps, kw = self.cfg.layer_norm_eps, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        experts = LayerNorm(eps, stacked=experts.shape[0], name="expert_norms", **kw)(experts)
+        cross = None if previous is None else LayerNorm(eps, name="cross_norm", **kw)(previous)
+        return experts, cross
+
+
+class SAUE(_ManagerBase):
+    """Static Aggregation of Uni-modal Experts."""
+
+    @nn.compact
+    def __call__(self, experts: jax.Array, previous: jax.Array | None,
+                 other_previous: jax.Array | None, train: bool) -> tuple[jax.Array, jax.Array]:
+        """experts [N, B, L, D], previous [B, L, D] (None at layer 1) -> ([B, L, D], [B, L, N])."""
+        del other_previous  # static weights: the other stream does not steer them
+        num_experts, width = experts.shape[0], experts.shape[-1]
+        shape, axes = self._weight_shape(width)
+        scores = self.param("expert_weights",
+                            logical(nn.initializers.constant(1.0 / num_experts), ("experts",) + axes),
+                            (num_experts,) + shape, self.param_dtype)
+        experts, cross = self._norms(experts, None if self.first_layer else previous)
+        return self._aggregate(scores[:, None, None, :], experts, cross, train)
+
+
+class AAUE(_ManagerBase):
+    """Adaptive Aggregation of Uni-modal Experts: per-token weights steered by both streams."""
+
+    @nn.compact
+    def __call__(self, experts: jax.Array, previous: jax.Array | None,
+                 other_previous: jax.Array | None, train: bool) -> tuple[jax.Array, jax.Array]:
+        """experts [N, B, L, D], previous [B, L, D], other_previous [B, L', D]
+        -> ([B, L, D], [B, L, N])."""
+        if previous is None or other_previous is None:
+            raise ValueError("AAUE needs the previous cross-modal outputs of both streams; "
+                             "the first cross-modal layer uses SAUE")
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        num_experts, width = experts.shape[0], experts.shape[-1]
+        experts, c = self._norms(experts, previous)
+        q = LayerNorm(self.cfg.layer_norm_eps, name="query_norm", **kw)(other_previous)
+        scores = jnp.einsum("bld,bmd->blm",
+                            Dense(width, ("embed", "kv"), name="query_proj", **kw)(c),
+                            Dense(width, ("embed", "kv"), name="key_proj", **kw)(q))
+        attn = jax.nn.softmax(scores.astype(jnp.float32) / jnp.sqrt(width), axis=-1)
+        a = jnp.einsum("blm,bmd->bld", attn.astype(self.dtype), q)
+        logits = Dense(num_experts, ("embed", "experts"), name="controller", **kw)(
+            jnp.concatenate([a, c], axis=-1))  # [B, L, N]
+        return self._aggregate(jnp.moveaxis(logits, -1, 0)[..., None], experts, c, train)
+
+
+def make_manager(cfg: ml_collections.FrozenConfigDict, layer_index: int, **kw) -> _ManagerBase:
+    """The manager of cross-modal layer `layer_index` (0-based) under `cfg` = model.manager."""
+    first = layer_index == 0
+    if cfg.type == "SAUE" or first:
+        return SAUE(cfg, first_layer=first, **kw)
+    return AAUE(cfg, **kw)

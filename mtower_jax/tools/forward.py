@@ -1,0 +1,49 @@
+"""One jitted forward pass of a config's model on a random batch; prints what comes out.
+
+    python -m mtower_jax.tools.forward --config=configs/pretrain.py:model=tiny
+
+A smoke test of the whole model (every tower and head) that needs no data.
+"""
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from mtower_jax.models import build_model, random_inputs
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
+                                          lock_config=True)
+_BATCH = flags.DEFINE_integer("batch_size", 4, "Batch size of the random batch.")
+
+
+def main(argv):
+    del argv
+    cfg = _CONFIG.value.model
+    model = build_model(cfg)
+    inputs = random_inputs(cfg, _BATCH.value)
+    start = time.perf_counter()
+    variables = jax.jit(model.init)(jax.random.PRNGKey(0), **inputs)
+    with_weights = cfg.tower == "manager"
+    forward = jax.jit(lambda v, x: model.apply(v, **x, return_manager_weights=with_weights))
+    out = jax.block_until_ready(forward(variables, inputs))
+    print(f"{cfg.tower} tower, init + forward in {time.perf_counter() - start:.1f}s "
+          f"on {jax.devices()[0].platform}")
+    for key, value in sorted(out.items()):
+        if key != "manager_weights":
+            print(f"  {key:<22} {str(value.shape):<18} mean {float(jnp.mean(value)):+.4f}")
+    if with_weights:
+        for stream, weights in out["manager_weights"].items():
+            # [layers, B, L, N] -> mean over batch and tokens: one row of N weights per layer.
+            table = np.asarray(jnp.mean(weights, axis=(1, 2)))
+            print(f"  manager weights ({stream}), cross layer x managed uni-modal layer:")
+            for layer, row in enumerate(table, start=1):
+                print(f"    layer {layer}: " + " ".join(f"{w:.3f}" for w in row))
+
+
+if __name__ == "__main__":
+    app.run(main)
