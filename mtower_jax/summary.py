@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import math
 
-import flax.linen as nn
-import jax
 import ml_collections
 from absl import app
-from flax import traverse_util
 from ml_collections import config_flags
 
-from mtower_jax.models import build_model, example_inputs
+from mtower_jax.models import parameter_shapes
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
@@ -30,7 +27,7 @@ def _groups(tower: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
     return (
         ("text encoder", ("backbone/text_encoder/",)),
         ("vision encoder", ("backbone/vision_encoder/",)),
-        ("transforms + token types", ("backbone/text_transform/", "backbone/image_transform/",
+        ("transforms + token types", ("backbone/text_transform", "backbone/image_transform",
                                       "backbone/token_type_embeddings/")),
         (f"text {inputs}", ("backbone/text_inputs/",)),
         (f"image {inputs}", ("backbone/image_inputs/",)),
@@ -38,15 +35,6 @@ def _groups(tower: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
         ("cross-modal image layers", ("backbone/image_cross_layers_",)),
         ("poolers", ("backbone/text_pooler/", "backbone/image_pooler/")),
     )
-
-
-def parameter_shapes(model_cfg: ml_collections.ConfigDict) -> dict[str, tuple[int, ...]]:
-    """{'backbone/text_encoder/...': shape} for every parameter, via eval_shape."""
-    model = build_model(model_cfg)
-    shapes = jax.eval_shape(lambda rng: model.init(rng, **example_inputs(model_cfg, 1)),
-                            jax.random.PRNGKey(0))
-    flat = traverse_util.flatten_dict(nn.unbox(shapes["params"]), sep="/")
-    return {path: leaf.shape for path, leaf in flat.items()}
 
 
 def parameter_table(model_cfg: ml_collections.ConfigDict):

@@ -46,8 +46,14 @@ class Backbone(nn.Module):
         self.text_encoder = TextEncoder(c.text, remat=c.remat, **kw)
         self.vision_encoder = VisionEncoder(c.vision, remat=c.remat, **kw)
         # ("embed", "mlp") rather than ("embed", "embed"): a mesh axis may appear once per spec.
-        self.text_transform = Dense(d, ("embed", "mlp"), **kw)
-        self.image_transform = Dense(d, ("embed", "mlp"), **kw)
+        if c.share_transform:
+            self.text_transform = Dense(d, ("embed", "mlp"), **kw)
+            self.image_transform = Dense(d, ("embed", "mlp"), **kw)
+        else:  # HF BridgeTower's share_cross_modal_transformer_layers=False: one per layer
+            self.text_transforms = [Dense(d, ("embed", "mlp"), **kw)
+                                    for _ in range(c.cross.num_layers)]
+            self.image_transforms = [Dense(d, ("embed", "mlp"), **kw)
+                                     for _ in range(c.cross.num_layers)]
         self.token_type_embeddings = Embed(c.num_token_types, d, "types", **kw)
         inputs = TOWER_INPUTS[c.tower]
         self.text_inputs = inputs(c, c.text.num_layers, **kw)
@@ -72,16 +78,17 @@ class Backbone(nn.Module):
 
         Returns text_feats [B, L, D], image_feats [B, 1+P, D], cls_feats [B, 2D], the top
         uni-modal features unimodal_text_feats [B, L, D_text] / unimodal_image_feats
-        [B, 1+P, D_vision] (after ln_post), and for the manager tower manager_weights
+        [B, 1+P, D_vision] (after ln_post), each cross-modal layer's outputs
+        (cross_text_hidden_states, cross_image_hidden_states), and for the manager tower manager_weights
         {'text': [layers, B, L, N], 'image': [layers, B, 1+P, N]}.
         """
         types = self.token_type_embeddings.table()
-        x_inputs = self.text_inputs.prepare(self.text_transform(text["outputs"]) + types[0])
+        x_inputs = self.text_inputs.prepare(self._transform("text", text["outputs"]) + types[0])
         y_inputs = self.image_inputs.prepare(
-            self.image_transform(image["outputs"]) + types[image_token_type_idx])
+            self._transform("image", image["outputs"]) + types[image_token_type_idx])
         text_mask, image_mask = attention_mask.astype(bool), None  # every image token is real
         x = y = None
-        text_weights, image_weights = [], []
+        text_weights, image_weights, text_states, image_states = [], [], [], []
         for l in range(self.cfg.cross.num_layers):
             x_in, wx = self.text_inputs(l, x_inputs, x, y, train)
             y_in, wy = self.image_inputs(l, y_inputs, y, x, train)
@@ -89,17 +96,31 @@ class Backbone(nn.Module):
             y = self.image_cross_layers[l](y_in, x_in, image_mask, text_mask, train)
             text_weights.append(wx)
             image_weights.append(wy)
+            text_states.append(x)
+            image_states.append(y)
         out = {
             "text_feats": x,
             "image_feats": y,
             "cls_feats": jnp.concatenate([self.text_pooler(x), self.image_pooler(y)], axis=-1),
             "unimodal_text_feats": text["hidden_states"][-1],
             "unimodal_image_feats": image["outputs"][-1],
+            # Per-layer outputs (free under jit when unused): parity checks and probing.
+            "text_hidden_states": text["hidden_states"],
+            "image_hidden_states": image["hidden_states"],
+            "cross_text_hidden_states": tuple(text_states),
+            "cross_image_hidden_states": tuple(image_states),
         }
         if self.cfg.tower == "manager":
             out["manager_weights"] = {"text": jnp.stack(text_weights),
                                       "image": jnp.stack(image_weights)}
         return out
+
+    def _transform(self, stream: str, layers: jax.Array) -> jax.Array:
+        """The linear uni-modal -> cross-modal map, [k, B, T, D_uni] -> [k, B, T, D]."""
+        if self.cfg.share_transform:
+            return getattr(self, f"{stream}_transform")(layers)
+        transforms = getattr(self, f"{stream}_transforms")
+        return jnp.stack([t(x) for t, x in zip(transforms, layers)])
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array, pixel_values: jax.Array,
                  train: bool = False, image_token_type_idx: int = 1) -> dict:

@@ -51,8 +51,8 @@ def model_config(size: str = "tiny", tower: str = "manager") -> ml_collections.C
         tower=tower,
         # RoBERTa: post-LN, erf GELU, 514 positions with padding-offset ids (pad id 1).
         text=_encoder(*text, vocab_size=vocab, max_position_embeddings=514 if big else text_len + 2,
-                      pad_token_id=1, layer_norm_eps=1e-5, activation="gelu", dropout=0.1,
-                      attention_dropout=0.1),
+                      pad_token_id=1, type_vocab_size=1, layer_norm_eps=1e-5, activation="gelu",
+                      dropout=0.1, attention_dropout=0.1),
         # CLIP ViT: pre-LN, QuickGELU, no dropout.
         vision=_encoder(*vision, image_size=image_size, patch_size=patch, layer_norm_eps=1e-5,
                         activation="quick_gelu", dropout=0.0, attention_dropout=0.0),
@@ -63,7 +63,8 @@ def model_config(size: str = "tiny", tower: str = "manager") -> ml_collections.C
                      learn_temperature=True, temperature=1.0, noise=True, layer_norm_eps=1e-5),
         bridge=dict(type="add", layer_norm_eps=1e-5),
         max_text_len=text_len,
-        num_token_types=2,  # text, image (NLVR2 adds a third row for its second image)
+        num_token_types=2,
+        share_transform=True,  # False: one uni-modal -> cross-modal transform per cross layer  # text, image (NLVR2 adds a third row for its second image)
         heads=("mlm", "itm"),
         head_hidden_scale=1.0,
         vqa_num_answers=3129,
@@ -126,6 +127,10 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         check(cfg.cross.num_layers <= depth,
               f"model.cross.num_layers={cfg.cross.num_layers}: the bridge tower links one "
               f"uni-modal layer per cross-modal layer, so it needs at most {depth}")
+    if not cfg.share_transform:
+        check(cfg.tower == "bridge", "model.share_transform=False (one transform per cross-modal "
+              "layer, HF BridgeTower's share_cross_modal_transformer_layers=False) needs "
+              "model.tower='bridge'")
     check(cfg.num_token_types >= 2, "model.num_token_types must be >= 2 (text and image rows)")
     if "nlvr2" in cfg.heads:
         check(cfg.num_token_types >= 3,

@@ -16,10 +16,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+from flax import traverse_util
 
 from mtower_jax.models import config as model_config_lib
 from mtower_jax.models.backbone import Backbone
 from mtower_jax.models.heads import HEADS
+from mtower_jax.models.inputs import example_inputs
 
 
 class VisionLanguageModel(nn.Module):
@@ -56,3 +58,12 @@ def build_model(model_cfg: ml_collections.ConfigDict) -> VisionLanguageModel:
     """Validates `model_cfg` (config.model) and returns the Flax module."""
     model_config_lib.validate(model_cfg)
     return VisionLanguageModel(ml_collections.FrozenConfigDict(model_cfg))
+
+
+def parameter_shapes(model_cfg: ml_collections.ConfigDict) -> dict[str, tuple[int, ...]]:
+    """{'backbone/text_encoder/...': shape} for every parameter, via eval_shape (no allocation)."""
+    model = build_model(model_cfg)
+    shapes = jax.eval_shape(lambda rng: model.init(rng, **example_inputs(model_cfg, 1)),
+                            jax.random.PRNGKey(0))
+    flat = traverse_util.flatten_dict(nn.unbox(shapes["params"]), sep="/")
+    return {path: leaf.shape for path, leaf in flat.items()}

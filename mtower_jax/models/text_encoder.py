@@ -53,7 +53,8 @@ class TextEncoder(nn.Module):
         x = (Embed(c.vocab_size, c.hidden_size, "vocab", name="word_embeddings", **kw)(input_ids)
              + Embed(c.max_position_embeddings, c.hidden_size, "pos", name="position_embeddings",
                      **kw)(position_ids)
-             + Embed(1, c.hidden_size, "types", name="token_type_embeddings", **kw).table()[0])
+             + Embed(c.type_vocab_size, c.hidden_size, "types", name="token_type_embeddings",
+                     **kw).table()[0])
         x = LayerNorm(c.layer_norm_eps, name="embeddings_norm", **kw)(x)
         x = constrain(nn.Dropout(c.dropout, deterministic=not train)(x), ACT)
 

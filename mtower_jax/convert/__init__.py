@@ -1,0 +1,1 @@
+"""PyTorch checkpoint formats <-> our parameters. CLI: python -m mtower_jax.convert."""

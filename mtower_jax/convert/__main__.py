@@ -1,0 +1,86 @@
+"""python -m mtower_jax.convert SOURCE_FORMAT SRC OUT
+
+Reads SRC (safetensors or a torch file, or a directory holding one; an HF config.json beside
+it is used where the format has one), converts it, and writes into OUT an Orbax checkpoint of
+the parameters (OUT/params) and the model config (OUT/model_config.json). Training configs load
+it with --config.init_from=OUT.
+
+  hf_bridgetower   HF BridgeTowerModel / ...ForMaskedLM / ...ForImageAndTextRetrieval
+  hf_clip_vision   HF CLIPVisionModel or CLIPModel (vision tower only)
+  openai_clip      OpenAI CLIP (ViT-B-16.pt): vision tower only
+  hf_roberta       HF RobertaModel (text tower only)
+
+Options: --image_size=N resizes the vision position embeddings (e.g. 224 -> 288);
+--model=tiny|small|base|large picks the model the uni-modal towers are written into.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from mtower_jax.convert import checkpoint_files, hf_bridgetower, hf_clip_vision, hf_roberta
+from mtower_jax.models import model_config
+
+FORMATS = ("hf_bridgetower", "hf_clip_vision", "openai_clip", "hf_roberta")
+
+
+def convert(source_format: str, src: str, image_size: int | None, model: str):
+    state_dict = checkpoint_files.load_state_dict(src)
+    hf_config = checkpoint_files.load_hf_config(src)
+    if source_format in ("hf_bridgetower", "hf_clip_vision", "hf_roberta") and hf_config is None:
+        raise FileNotFoundError(f"{source_format} needs the HF config.json beside {src}")
+    base = model_config(model)
+    if source_format == "hf_bridgetower":
+        model_cfg, variables = hf_bridgetower.convert(state_dict, hf_config)
+        if image_size:
+            raise ValueError("--image_size applies to the uni-modal formats; resize a "
+                             "BridgeTower checkpoint when fine-tuning (init_from)")
+        return model_cfg, variables
+    if source_format == "hf_roberta":
+        return hf_roberta.convert(state_dict, hf_config, base)
+    return hf_clip_vision.convert(state_dict, hf_config if source_format == "hf_clip_vision"
+                                  else None, base, image_size)
+
+
+def save(out: str, model_cfg, variables) -> None:
+    import orbax.checkpoint as ocp
+
+    out = os.path.abspath(out)
+    os.makedirs(out, exist_ok=True)
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(os.path.join(out, "params"), variables["params"], force=True)
+    with open(os.path.join(out, "model_config.json"), "w") as f:
+        f.write(model_cfg.to_json(indent=2))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mtower_jax.convert",
+                                     description=__doc__.split("\n\n")[1])
+    parser.add_argument("source_format", choices=FORMATS)
+    parser.add_argument("src")
+    parser.add_argument("out")
+    parser.add_argument("--image_size", type=int, default=None)
+    parser.add_argument("--model", default="base", choices=("tiny", "small", "base", "large"))
+    args = parser.parse_args(argv)
+    try:
+        model_cfg, variables = convert(args.source_format, args.src, args.image_size, args.model)
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    save(args.out, model_cfg, variables)
+    count = sum(v.size for v in _leaves(variables["params"]))
+    print(json.dumps({"out": os.path.abspath(args.out), "format": args.source_format,
+                      "parameters": int(count), "tower": model_cfg.tower,
+                      "heads": list(model_cfg.heads)}))
+    return 0
+
+
+def _leaves(tree):
+    import jax
+    return jax.tree.leaves(tree)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

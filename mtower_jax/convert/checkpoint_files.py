@@ -1,0 +1,78 @@
+"""Reading PyTorch checkpoint files without ever executing code from them.
+
+safetensors files are plain tensors. torch files (.bin / .pt / .pth / .ckpt) are read only
+with `torch.load(weights_only=True)`, whose unpickler accepts tensors and plain containers
+and refuses anything that would import or call code; such a file is rejected with a message
+that says so. Lightning checkpoints keep their weights under 'state_dict'.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+
+class UnsafeCheckpointError(ValueError):
+    """The file needs pickled code to load; it is never executed."""
+
+
+def load_state_dict(path: str) -> dict[str, np.ndarray]:
+    """{key: float32/int numpy array} from a .safetensors or torch file (a directory: its
+    model.safetensors or pytorch_model.bin)."""
+    path = _resolve(path)
+    if path.endswith(".safetensors"):
+        from safetensors.numpy import load_file
+        return {k: _as_numpy(v) for k, v in load_file(path).items()}
+    try:
+        import torch
+    except ImportError:
+        raise ImportError(f"{path} is a torch file: install torch (CPU) to read it, or convert "
+                          "it to safetensors") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # the weights-only unpickler raises UnpicklingError and friends
+        if "weights_only" in str(e) or "Unsupported global" in str(e) or "pickle" in type(e).__name__.lower():
+            raise UnsafeCheckpointError(
+                f"{path} needs pickled code to load, and checkpoints are never allowed to run "
+                f"code. Re-save its tensors with safetensors, or as a plain state dict of "
+                f"tensors. (torch said: {str(e).splitlines()[0]})") from None
+        raise
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]  # PyTorch Lightning
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict")
+    return {k: _as_numpy(v) for k, v in obj.items() if hasattr(v, "shape")}
+
+
+def load_hf_config(path: str) -> dict[str, Any] | None:
+    """config.json beside a checkpoint file (or inside a checkpoint directory), if any."""
+    directory = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    config = os.path.join(directory, "config.json")
+    if not os.path.exists(config):
+        return None
+    with open(config) as f:
+        return json.load(f)
+
+
+def _resolve(path: str) -> str:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if os.path.isdir(path):
+        for name in ("model.safetensors", "pytorch_model.bin"):
+            if os.path.exists(os.path.join(path, name)):
+                return os.path.join(path, name)
+        raise FileNotFoundError(f"{path} holds neither model.safetensors nor pytorch_model.bin")
+    return path
+
+
+def _as_numpy(value) -> np.ndarray:
+    if hasattr(value, "detach"):  # a torch tensor (bfloat16 has no numpy dtype: go via float32)
+        import torch
+        value = value.detach().cpu()
+        if value.dtype in (torch.bfloat16, torch.float16):
+            value = value.float()
+        return value.numpy()
+    value = np.asarray(value)
+    return value.astype(np.float32) if value.dtype == np.float16 else value
