@@ -19,7 +19,9 @@ from mtower_jax.convert.keymap import SAME, SCALAR, Rule, linear_rules, norm_rul
 from mtower_jax.models import model_config, parameter_shapes
 
 PREFIX = "bridgetower."
-HEAD_KEYS = {"mlm": "mlm_score.", "itm": "itm_score.", "itc": "itc_"}
+# Heads converted when present. HF's ITC heads (ForContrastiveLearning) are not: their image
+# feature and logit scale differ from ours, so their keys are reported as unexpected.
+HEAD_KEYS = {"mlm": "mlm_score.", "itm": "itm_score."}
 
 
 def rules(model_cfg: ml_collections.ConfigDict, prefix: str = "") -> list[Rule]:
@@ -98,7 +100,7 @@ def convert(state_dict: Mapping, hf_config: Mapping):
     has_prefix = any(k.startswith(PREFIX) for k in state_dict)
     model_cfg = model_config_from_hf(hf_config)
     model_cfg.heads = tuple(h for h, key in HEAD_KEYS.items()
-                            if h != "itc" and any(k.startswith(key) for k in state_dict))
+                            if any(k.startswith(key) for k in state_dict))
     params = to_params(state_dict, rules(model_cfg, PREFIX if has_prefix else ""),
                        parameter_shapes(model_cfg), _ignored(state_dict),
                        what="the BridgeTower state dict",
