@@ -20,6 +20,8 @@ import json
 import os
 import sys
 
+import jax
+
 from mtower_jax.convert import checkpoint_files, hf_bridgetower, hf_clip_vision, hf_roberta
 from mtower_jax.models import model_config
 
@@ -27,21 +29,19 @@ FORMATS = ("hf_bridgetower", "hf_clip_vision", "openai_clip", "hf_roberta")
 
 
 def convert(source_format: str, src: str, image_size: int | None, model: str):
+    if source_format == "hf_bridgetower" and image_size:
+        raise ValueError("--image_size applies to the uni-modal formats; resize a "
+                         "BridgeTower checkpoint when fine-tuning (init_from)")
     state_dict = checkpoint_files.load_state_dict(src)
     hf_config = checkpoint_files.load_hf_config(src)
-    if source_format in ("hf_bridgetower", "hf_clip_vision", "hf_roberta") and hf_config is None:
+    if source_format != "openai_clip" and hf_config is None:
         raise FileNotFoundError(f"{source_format} needs the HF config.json beside {src}")
-    base = model_config(model)
     if source_format == "hf_bridgetower":
-        model_cfg, variables = hf_bridgetower.convert(state_dict, hf_config)
-        if image_size:
-            raise ValueError("--image_size applies to the uni-modal formats; resize a "
-                             "BridgeTower checkpoint when fine-tuning (init_from)")
-        return model_cfg, variables
+        return hf_bridgetower.convert(state_dict, hf_config)
     if source_format == "hf_roberta":
-        return hf_roberta.convert(state_dict, hf_config, base)
+        return hf_roberta.convert(state_dict, hf_config, model_config(model))
     return hf_clip_vision.convert(state_dict, hf_config if source_format == "hf_clip_vision"
-                                  else None, base, image_size)
+                                  else None, model_config(model), image_size)
 
 
 def save(out: str, model_cfg, variables) -> None:
@@ -70,16 +70,11 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     save(args.out, model_cfg, variables)
-    count = sum(v.size for v in _leaves(variables["params"]))
+    count = sum(v.size for v in jax.tree.leaves(variables["params"]))
     print(json.dumps({"out": os.path.abspath(args.out), "format": args.source_format,
                       "parameters": int(count), "tower": model_cfg.tower,
                       "heads": list(model_cfg.heads)}))
     return 0
-
-
-def _leaves(tree):
-    import jax
-    return jax.tree.leaves(tree)
 
 
 if __name__ == "__main__":

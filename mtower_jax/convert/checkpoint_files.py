@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from typing import Any
 
 import numpy as np
@@ -32,13 +33,11 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
                           "it to safetensors") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # the weights-only unpickler raises UnpicklingError and friends
-        if "weights_only" in str(e) or "Unsupported global" in str(e) or "pickle" in type(e).__name__.lower():
-            raise UnsafeCheckpointError(
-                f"{path} needs pickled code to load, and checkpoints are never allowed to run "
-                f"code. Re-save its tensors with safetensors, or as a plain state dict of "
-                f"tensors. (torch said: {str(e).splitlines()[0]})") from None
-        raise
+    except pickle.UnpicklingError as e:  # the weights-only unpickler met a global it refuses
+        raise UnsafeCheckpointError(
+            f"{path} needs pickled code to load, and checkpoints are never allowed to run "
+            f"code. Re-save its tensors with safetensors, or as a plain state dict of "
+            f"tensors. (torch said: {str(e).splitlines()[0]})") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]  # PyTorch Lightning
     if not isinstance(obj, dict):
