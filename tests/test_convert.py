@@ -132,6 +132,40 @@ def test_hf_bridgetower_parity_and_exact_round_trip(case):
     assert set(missing) == unused and not unexpected
 
 
+def test_hf_contrastive_heads_map_onto_our_itc_head():
+    # HF's image ITC head reads transform(ln_post(x)) + E_type[1]: folded into our projection of
+    # ln_post(x). The cross-modal ITC head has no counterpart and must be dropped explicitly.
+    torch.manual_seed(0)
+    # logit_scale_init_value: read by ForContrastiveLearning, absent from transformers 5's config.
+    config = transformers.BridgeTowerConfig(text_config=TEXT, vision_config=VISION, hidden_size=64,
+                                            num_hidden_layers=2, num_attention_heads=2,
+                                            contrastive_hidden_size=16,
+                                            logit_scale_init_value=2.6592)
+    reference = transformers.BridgeTowerForContrastiveLearning(config).eval()
+    perturb_norms(reference, seed=4)
+    with torch.no_grad():
+        reference.logit_scale.fill_(3.0)
+        reference.bridgetower.token_type_embeddings.weight.mul_(10.0)
+    state_dict = np_state_dict(reference)
+    with pytest.raises(ConversionError, match="drop_itc_cross_modal_head=True"):
+        hf_bridgetower.convert(state_dict, config.to_dict())
+    model_cfg, variables = hf_bridgetower.convert(state_dict, config.to_dict(),
+                                                  drop_itc_cross_modal_head=True)
+    assert model_cfg.heads == ("itc",) and model_cfg.itc_dim == 16
+
+    ids, mask = text_batch(TEXT["vocab_size"])
+    images = pixels(VISION["image_size"])
+    with torch.no_grad():
+        theirs = reference(input_ids=ids, attention_mask=mask, pixel_values=images)
+    model_cfg.max_text_len = L
+    ours = build_model(model_cfg).apply(variables, input_ids=ids.numpy(),
+                                        attention_mask=mask.numpy(),
+                                        pixel_values=images.permute(0, 2, 3, 1).numpy())
+    assert_close(ours["itc_text_embeds"], theirs.text_embeds, "itc text embeddings")
+    assert_close(ours["itc_image_embeds"], theirs.image_embeds, "itc image embeddings")
+    np.testing.assert_allclose(1 / ours["itc_temperature"], np.exp(3.0), rtol=1e-6)
+
+
 def test_hf_clip_vision_parity_and_position_resize():
     torch.manual_seed(0)
     config = transformers.CLIPVisionConfig(hidden_size=64, intermediate_size=256,

@@ -9,9 +9,13 @@ it with --config.init_from=OUT.
   hf_clip_vision   HF CLIPVisionModel or CLIPModel (vision tower only)
   openai_clip      OpenAI CLIP (ViT-B-16.pt): vision tower only
   hf_roberta       HF RobertaModel (text tower only)
+  official_ckpt    the official ManagerTower / BridgeTower PyTorch Lightning .ckpt (its
+                   hyper_parameters supply what the tensors do not tell)
 
-Options: --image_size=N resizes the vision position embeddings (e.g. 224 -> 288);
---model=tiny|small|base|large picks the model the uni-modal towers are written into.
+Options: --image_size=N resizes the vision position embeddings (e.g. 224 -> 288; not for
+hf_bridgetower); --model=tiny|small|base|large picks the model the uni-modal towers are written
+into; --drop_itc_cross_modal_head leaves out HF ForContrastiveLearning's cross-modal ITC head,
+which our model has no place for.
 """
 from __future__ import annotations
 
@@ -22,22 +26,29 @@ import sys
 
 import jax
 
-from mtower_jax.convert import checkpoint_files, hf_bridgetower, hf_clip_vision, hf_roberta
+from mtower_jax.convert import (checkpoint_files, hf_bridgetower, hf_clip_vision, hf_roberta,
+                                official_ckpt)
 from mtower_jax.models import model_config
 
-FORMATS = ("hf_bridgetower", "hf_clip_vision", "openai_clip", "hf_roberta")
+FORMATS = ("hf_bridgetower", "hf_clip_vision", "openai_clip", "hf_roberta", "official_ckpt")
 
 
-def convert(source_format: str, src: str, image_size: int | None, model: str):
+def convert(source_format: str, src: str, image_size: int | None, model: str,
+            drop_itc_cross_modal_head: bool = False):
     if source_format == "hf_bridgetower" and image_size:
-        raise ValueError("--image_size applies to the uni-modal formats; resize a "
-                         "BridgeTower checkpoint when fine-tuning (init_from)")
+        raise ValueError("--image_size applies to the uni-modal formats and official_ckpt; "
+                         "resize a BridgeTower checkpoint when fine-tuning (init_from)")
+    if drop_itc_cross_modal_head and source_format != "hf_bridgetower":
+        raise ValueError("--drop_itc_cross_modal_head applies to hf_bridgetower only")
+    if source_format == "official_ckpt":
+        state_dict, hparams = checkpoint_files.load_lightning_checkpoint(src)
+        return official_ckpt.convert(state_dict, hparams=hparams, image_size=image_size)
     state_dict = checkpoint_files.load_state_dict(src)
     hf_config = checkpoint_files.load_hf_config(src)
     if source_format != "openai_clip" and hf_config is None:
         raise FileNotFoundError(f"{source_format} needs the HF config.json beside {src}")
     if source_format == "hf_bridgetower":
-        return hf_bridgetower.convert(state_dict, hf_config)
+        return hf_bridgetower.convert(state_dict, hf_config, drop_itc_cross_modal_head)
     if source_format == "hf_roberta":
         return hf_roberta.convert(state_dict, hf_config, model_config(model))
     return hf_clip_vision.convert(state_dict, hf_config if source_format == "hf_clip_vision"
@@ -63,9 +74,11 @@ def main(argv=None) -> int:
     parser.add_argument("out")
     parser.add_argument("--image_size", type=int, default=None)
     parser.add_argument("--model", default="base", choices=("tiny", "small", "base", "large"))
+    parser.add_argument("--drop_itc_cross_modal_head", action="store_true")
     args = parser.parse_args(argv)
     try:
-        model_cfg, variables = convert(args.source_format, args.src, args.image_size, args.model)
+        model_cfg, variables = convert(args.source_format, args.src, args.image_size, args.model,
+                                       args.drop_itc_cross_modal_head)
     except (ValueError, FileNotFoundError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

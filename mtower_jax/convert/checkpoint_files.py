@@ -3,7 +3,8 @@
 safetensors files are plain tensors. torch files (.bin / .pt / .pth / .ckpt) are read only
 with `torch.load(weights_only=True)`, whose unpickler accepts tensors and plain containers
 and refuses anything that would import or call code; such a file is rejected with a message
-that says so. Lightning checkpoints keep their weights under 'state_dict'.
+that says so. Lightning checkpoints keep their weights under 'state_dict' and their config
+under 'hyper_parameters' (`load_lightning_checkpoint` returns both).
 """
 from __future__ import annotations
 
@@ -26,6 +27,13 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
     if path.endswith(".safetensors"):
         from safetensors.numpy import load_file
         return {k: _as_numpy(v) for k, v in load_file(path).items()}
+    return load_lightning_checkpoint(path)[0]
+
+
+def load_lightning_checkpoint(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """(state dict, hyper_parameters) of a torch file: a PyTorch Lightning checkpoint
+    {'state_dict': ..., 'hyper_parameters': ...} or a bare state dict (hyper_parameters {})."""
+    path = _resolve(path)
     try:
         import torch
     except ImportError:
@@ -38,11 +46,13 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
             f"{path} needs pickled code to load, and checkpoints are never allowed to run "
             f"code. Re-save its tensors with safetensors, or as a plain state dict of "
             f"tensors. (torch said: {str(e).splitlines()[0]})") from None
+    hparams = {}
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]  # PyTorch Lightning
+        hparams = obj.get("hyper_parameters") or {}  # PyTorch Lightning
+        obj = obj["state_dict"]
     if not isinstance(obj, dict):
         raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict")
-    return {k: _as_numpy(v) for k, v in obj.items() if hasattr(v, "shape")}
+    return {k: _as_numpy(v) for k, v in obj.items() if hasattr(v, "shape")}, dict(hparams)
 
 
 def load_hf_config(path: str) -> dict[str, Any] | None:
