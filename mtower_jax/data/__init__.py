@@ -1,0 +1,1 @@
+"""Input side: tfds builders, the synthetic world, tokenizer, transforms, grain pipelines."""
