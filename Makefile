@@ -21,9 +21,15 @@ $(VENV)/.test-installed: requirements-test.txt $(VENV)/.runtime-installed
 
 install: $(VENV)/.runtime-installed
 
+# The main job: pretrain the tiny ManagerTower on the synthetic shapes world (generated into
+# data/ on first use), from scratch each time (the previous demo run is removed).
+DEMO_DIR := runs/demo
 demo: $(VENV)/.runtime-installed
 	$(PY) -m mtower_jax.summary --config=configs/pretrain.py:model=tiny
-	$(PY) -m mtower_jax.tools.forward --config=configs/pretrain.py:model=tiny
+	rm -rf $(DEMO_DIR)
+	$(PY) -m mtower_jax.main --config=configs/pretrain.py:model=tiny,data=synthetic \
+		--workdir=$(DEMO_DIR)
+	@echo "checkpoints: $(DEMO_DIR)/checkpoints  metrics: $(DEMO_DIR)/metrics.jsonl  TensorBoard: $(DEMO_DIR)/tensorboard"
 
 test: $(VENV)/.test-installed
 	$(PY) -m pytest -q tests

@@ -23,11 +23,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.model = model_config(arg.model, arg.tower)
 
+    synthetic = arg.data == "synthetic"
     config.data = ml_collections.ConfigDict(dict(
-        name="synthetic" if arg.data == "synthetic" else "vlp",
-        data_dir="data" if arg.data == "synthetic" else "",  # real data: set to the built tfds dir
-        datasets=("shapes",) if arg.data == "synthetic" else ("coco", "vg", "sbu", "cc3m"),
-        num_workers=0,
+        # Builder names (mtower_jax/data/builders); their examples are concatenated.
+        datasets=("synthetic_shapes",) if synthetic else (
+            "coco_captions", "visual_genome", "sbu", "cc3m"),
+        data_dir="data" if synthetic else "",  # real data: the tfds folder the builders wrote
+        tokenizer_dir="",  # '' = the synthetic world's BPE; real data: roberta-base's files
+        train_split="train",
+        eval_split="val",
+        synthetic_seed=0,
+        num_workers=0,  # grain worker processes
+        max_skipped_fraction=0.01,  # bad records tolerated before the run fails
+        itm_negatives="batch",  # 'batch': permute the encoded images; 'dataset': reference's
     ))
     config.losses = ("mlm", "itm")
     config.mlm_probability = 0.15
@@ -46,6 +54,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.init_from = ""
     config.log_every = 100 if paper else 10
     config.eval_every = 5000 if paper else 100
+    config.eval_steps = 50 if paper else 4  # batches of the eval split per evaluation
     config.checkpoint_every = 5000 if paper else 100
     config.keep_checkpoints = 3
     # Mesh axis sizes; -1 takes the remaining devices. Rules map logical axes to mesh axes.

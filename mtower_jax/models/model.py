@@ -25,15 +25,24 @@ from mtower_jax.models.inputs import example_inputs
 
 
 class VisionLanguageModel(nn.Module):
+    """Setup-style, so training objectives can call the parts (`backbone`, `head(name)`)
+    inside one `apply` (see train/objectives.py: one image encoding serves MLM and ITM)."""
     cfg: ml_collections.FrozenConfigDict  # model
 
-    @nn.compact
+    def setup(self):
+        c = self.cfg
+        kw = dict(dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype))
+        self.backbone = Backbone(c, **kw)
+        for name in c.heads:  # attribute names become the parameter scopes '{name}_head'
+            setattr(self, f"{name}_head", HEADS[name](c, **kw))
+
+    def head(self, name: str) -> nn.Module:
+        return getattr(self, f"{name}_head")
+
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array, pixel_values: jax.Array,
                  train: bool = False, *, pixel_values_2: jax.Array | None = None,
                  image_token_type_idx: int = 1, return_manager_weights: bool = False) -> dict:
-        c = self.cfg
-        kw = dict(dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype))
-        backbone = Backbone(c, name="backbone", **kw)
+        c, backbone = self.cfg, self.backbone
         text = backbone.encode_text(input_ids, attention_mask, train)
         out = backbone.fuse(text, attention_mask, backbone.encode_image(pixel_values, train), train,
                             image_token_type_idx)
@@ -50,7 +59,7 @@ class VisionLanguageModel(nn.Module):
         if "nlvr2" in c.heads and pixel_values_2 is None:
             raise ValueError("the nlvr2 head needs the second image: pass pixel_values_2")
         for name in c.heads:
-            out.update(HEADS[name](c, name=f"{name}_head", **kw)(out, train))
+            out.update(self.head(name)(out, train))
         return out
 
 

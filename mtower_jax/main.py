@@ -1,0 +1,40 @@
+"""The main job: `python -m mtower_jax.main --config=CONFIG_FILE:ARGS --workdir=DIR`.
+
+    python -m mtower_jax.main --config=configs/pretrain.py:model=tiny,data=synthetic \
+        --workdir=runs/pretrain --config.total_steps=300 --config.mesh.fsdp=2
+
+Config files are Python that runs in this process: only use ones you trust. Values given
+on the command line (`--config.x=y`) are parsed and type-checked against the locked config.
+The run writes DIR/config.json, DIR/metrics.jsonl, DIR/tensorboard/ and DIR/checkpoints/,
+and resumes from the newest complete checkpoint in DIR.
+"""
+import logging as std_logging
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from mtower_jax.train import loop
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:args].",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, logs).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+class _QuietLibraries(std_logging.Filter):
+    """Drops INFO chatter of Orbax (a dozen lines per save); its warnings still show."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return record.levelno >= std_logging.WARNING or "orbax" not in record.pathname
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    logging.set_verbosity(logging.INFO)
+    logging.get_absl_handler().addFilter(_QuietLibraries())
+    loop.train(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":  # grain worker processes re-import this module
+    app.run(main)

@@ -1,0 +1,1 @@
+"""Pretraining and fine-tuning: the train step, its objectives, metrics, FLOP accounting."""

@@ -1,0 +1,272 @@
+"""Analytic model FLOPs, per-device peak throughput, and model FLOPs utilisation (MFU).
+
+Convention (PaLM / Chinchilla MFU): only matrix multiplications count, 2 FLOPs per
+multiply-add, and a training step costs 3x its forward pass (the backward pass computes a
+gradient for both operands of every matmul, 2x the forward):
+
+    dense   x [n, a] @ W [a, b]                       2 n a b
+    attn    Lq queries over Lk keys, width D          4 Lq D^2 (Q, out) + 4 Lk D^2 (K, V)
+                                                      + 4 Lq Lk D (scores Q K^T, weighted sum P V)
+    FFN     L tokens, width D, hidden F               4 L D F
+    train   3 x forward;    MFU = step FLOPs / (step seconds * devices * peak FLOP/s)
+
+Not counted: embedding gathers, LayerNorm, softmax, activations, residual adds, the
+managers' expert mix sum_n alpha_n X_n and the losses (elementwise; XLA's own count includes
+them, hence its larger total, see tests/test_flops.py), and the recomputation of
+`model.remat` (MFU counts the model's FLOPs, not the hardware's). Padding tokens cost the
+same as real ones: the model always runs on `max_text_len` tokens.
+
+The work of one example is described by `passes`, a dict of counts per example:
+
+    text_encodes       RoBERTa passes over max_text_len tokens
+    image_encodes      CLIP-ViT passes over 1 + (image_size / patch_size)^2 tokens
+    fusions            cross-modal passes whose image stream is read (ITM: the poolers)
+    text_only_fusions  cross-modal passes of which only the text stream's output is read
+                       (MLM): XLA drops the last image-stream layer and the poolers as dead code
+    mlm_positions      text positions run through the MLM head (max_text_len when the head
+                       decodes every position, as objectives.py does; k if it gathers the
+                       masked ones first)
+    itm                ITM head applications
+    itc_batch          ITC: the batch one similarity matrix covers (0: no ITC); per example the
+                       two projections and one row of the [B, B] similarity
+"""
+from __future__ import annotations
+
+import functools
+import math
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from mtower_jax.models.towers import num_uni_modal_inputs
+
+PASS_KEYS = ("text_encodes", "image_encodes", "fusions", "text_only_fusions", "mlm_positions",
+             "itm", "itc_batch")
+TRAIN_FACTOR = 3  # forward + backward (2x forward)
+
+
+def _dense(tokens: float, d_in: int, d_out: int) -> float:
+    return 2.0 * tokens * d_in * d_out
+
+
+def _attention(q_len: int, kv_len: int, width: int) -> float:
+    return (_dense(q_len, width, 2 * width) + _dense(kv_len, width, 2 * width)
+            + 4.0 * q_len * kv_len * width)
+
+
+def _block(q_len: int, width: int, mlp_dim: int, *, cross_len: int = 0) -> float:
+    """One transformer layer of q_len tokens; with cross_len, plus cross-attention to them."""
+    cross = _attention(q_len, cross_len, width) if cross_len else 0.0
+    return _attention(q_len, q_len, width) + cross + _dense(q_len, width, 2 * mlp_dim)
+
+
+def sequence_lengths(model_cfg: ml_collections.ConfigDict) -> tuple[int, int]:
+    """(text tokens, image tokens) of one example: (max_text_len, 1 + patches)."""
+    v = model_cfg.vision
+    return model_cfg.max_text_len, (v.image_size // v.patch_size) ** 2 + 1
+
+
+def text_encoder_flops(model_cfg: ml_collections.ConfigDict) -> float:
+    t, (length, _) = model_cfg.text, sequence_lengths(model_cfg)
+    return t.num_layers * _block(length, t.hidden_size, t.mlp_dim)
+
+
+def image_encoder_flops(model_cfg: ml_collections.ConfigDict) -> float:
+    v, (_, tokens) = model_cfg.vision, sequence_lengths(model_cfg)
+    patch_embedding = _dense(tokens - 1, v.patch_size ** 2 * 3, v.hidden_size)
+    return patch_embedding + v.num_layers * _block(tokens, v.hidden_size, v.mlp_dim)
+
+
+def _aaue_flops(q_len: int, other_len: int, width: int, experts: int) -> float:
+    """query_proj, key_proj, single-head scores and mix, controller([a ; c]) -> N."""
+    return (_dense(q_len, width, width) + _dense(other_len, width, width)
+            + 4.0 * q_len * other_len * width + _dense(q_len, 2 * width, experts))
+
+
+def fusion_flops(model_cfg: ml_collections.ConfigDict, *, text_only: bool = False) -> float:
+    """One cross-modal pass: transforms, managers, both co-attention stacks, poolers.
+
+    text_only: only text_feats is read, so the last image-stream layer and both poolers are
+    dead code (C^text_L reads the image stream's *input* to layer L, not its output).
+    """
+    c, t, v = model_cfg.cross, model_cfg.text, model_cfg.vision
+    length, tokens = sequence_lengths(model_cfg)
+    d, k = c.hidden_size, num_uni_modal_inputs(model_cfg)
+    flops = _dense(k * length, t.hidden_size, d) + _dense(k * tokens, v.hidden_size, d)
+    text_layer = _block(length, d, c.mlp_dim, cross_len=tokens)
+    image_layer = _block(tokens, d, c.mlp_dim, cross_len=length)
+    flops += c.num_layers * text_layer + (c.num_layers - (1 if text_only else 0)) * image_layer
+    if model_cfg.tower == "manager" and model_cfg.manager.type == "AAUE":
+        n = model_cfg.manager.num_layers  # layer 1 is SAUE: elementwise only
+        flops += (c.num_layers - 1) * (_aaue_flops(length, tokens, d, n)
+                                       + _aaue_flops(tokens, length, d, n))
+    if not text_only:
+        flops += 2 * _dense(1, d, d)  # poolers on token 0
+    return flops
+
+
+def forward_flops_breakdown(model_cfg: ml_collections.ConfigDict, *,
+                            passes: Mapping[str, float]) -> dict[str, float]:
+    """Forward matmul FLOPs of one example by part, for the work `passes` describes."""
+    unknown = set(passes) - set(PASS_KEYS)
+    if unknown:
+        raise ValueError(f"unknown passes keys {sorted(unknown)}; known: {PASS_KEYS}")
+    p = {key: passes.get(key, 0) for key in PASS_KEYS}
+    d, t, v = model_cfg.cross.hidden_size, model_cfg.text, model_cfg.vision
+    mlm = _dense(1, d, d) + _dense(1, d, t.vocab_size)  # transform + decoder, per position
+    itc = (_dense(1, t.hidden_size, model_cfg.itc_dim) + _dense(1, v.hidden_size, model_cfg.itc_dim)
+           + 2.0 * p["itc_batch"] * model_cfg.itc_dim) if p["itc_batch"] else 0.0
+    return {
+        "text_encoder": p["text_encodes"] * text_encoder_flops(model_cfg),
+        "image_encoder": p["image_encodes"] * image_encoder_flops(model_cfg),
+        "fusion": (p["fusions"] * fusion_flops(model_cfg)
+                   + p["text_only_fusions"] * fusion_flops(model_cfg, text_only=True)),
+        "mlm_head": p["mlm_positions"] * mlm,
+        "itm_head": p["itm"] * _dense(1, 2 * d, 2),
+        "itc_head": itc,
+    }
+
+
+def forward_flops(model_cfg: ml_collections.ConfigDict, *, passes: Mapping[str, float]) -> float:
+    """Forward matmul FLOPs of one example (see the module docstring for `passes`)."""
+    return sum(forward_flops_breakdown(model_cfg, passes=passes).values())
+
+
+def model_flops_per_example(model_cfg: ml_collections.ConfigDict, *,
+                            passes: Mapping[str, float]) -> float:
+    """Training FLOPs of one example: 3 x forward_flops."""
+    return TRAIN_FACTOR * forward_flops(model_cfg, passes=passes)
+
+
+def pretrain_passes(*, image_encodes_per_example: float, mlm_positions: float,
+                    itc_batch: int = 0) -> dict[str, float]:
+    """The per-example work of objectives.pretrain_forward with MLM + ITM (+ ITC): the masked
+    and the clean text are encoded (2), MLM reads only the text stream of its fusion, ITM
+    fuses the clean text with its (maybe negative) image. image_encodes_per_example: 1 when
+    negatives reuse the batch's encodings, 2 with dataset negatives."""
+    return dict(text_encodes=2, image_encodes=image_encodes_per_example, fusions=1,
+                text_only_fusions=1, mlm_positions=mlm_positions, itm=1, itc_batch=itc_batch)
+
+
+def pretrain_step_flops(model_cfg: ml_collections.ConfigDict, batch_size: int, *,
+                        image_encodes_per_example: float, mlm_positions: float,
+                        itc_batch: int = 0) -> float:
+    """Training FLOPs of one pretraining step over `batch_size` examples (global batch)."""
+    passes = pretrain_passes(image_encodes_per_example=image_encodes_per_example,
+                             mlm_positions=mlm_positions, itc_batch=itc_batch)
+    return batch_size * model_flops_per_example(model_cfg, passes=passes)
+
+
+def traced_matmul_flops(fn: Callable[..., Any], *args, **kwargs) -> float:
+    """2 x the multiply-adds of every dot_general in fn's jaxpr (einsum, @, tensordot...):
+    the analytic convention applied to the traced program. Scan bodies count `length` times,
+    a cond its most expensive branch, a while body once. Convolutions are not counted."""
+    def count(jaxpr) -> float:
+        total = 0.0
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+                lhs = eqn.invars[0].aval.shape
+                total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(
+                    lhs[i] for i in lhs_contract)
+                continue
+            subs = [count(getattr(s, "jaxpr", s)) for value in eqn.params.values()
+                    for s in (value if isinstance(value, tuple | list) else (value,))
+                    if isinstance(s, jax.extend.core.Jaxpr | jax.extend.core.ClosedJaxpr)]
+            if eqn.primitive.name == "cond":
+                total += max(subs, default=0.0)
+            else:
+                total += sum(subs) * eqn.params.get("length", 1)  # scan repeats its body
+        return total
+
+    return count(jax.make_jaxpr(fn)(*args, **kwargs).jaxpr)
+
+
+# Dense (no sparsity) peak TFLOP/s per jax device. 'float32' is the rate JAX's *default*
+# matmul precision reaches on float32 operands: one bfloat16 pass on TPU, TF32 tensor cores on
+# NVIDIA Ampere and later (https://docs.jax.dev/en/latest/201/precision.html); full-float32
+# precision ('highest') is several times slower. Sources: Google Cloud TPU system
+# architecture pages, NVIDIA A100 / H100 / H200 datasheets (SXM unless named).
+PEAK_TFLOPS: dict[str, dict[str, float]] = {
+    "tpu_v4": {"bfloat16": 275.0, "float32": 275.0},
+    "tpu_v5e": {"bfloat16": 197.0, "float32": 197.0},
+    "tpu_v5p": {"bfloat16": 459.0, "float32": 459.0},
+    "tpu_v6e": {"bfloat16": 918.0, "float32": 918.0},
+    "a100": {"bfloat16": 312.0, "float32": 156.0},
+    "h100_sxm": {"bfloat16": 989.4, "float32": 494.7},
+    "h100_pcie": {"bfloat16": 756.0, "float32": 378.0},
+    "h200": {"bfloat16": 989.4, "float32": 494.7},
+}
+
+# jax `device_kind` strings (exact, lower case) of the TPU entries; a TPU v5e reports
+# 'TPU v5 lite', a v5p 'TPU v5', a v6e 'TPU v6 lite'; 'TPU v4 lite' (v4i) is not a v4.
+_TPU_KINDS = {"tpu v4": "tpu_v4", "tpu v5 lite": "tpu_v5e", "tpu v5e": "tpu_v5e",
+              "tpu v5": "tpu_v5p", "tpu v5p": "tpu_v5p", "tpu v6 lite": "tpu_v6e",
+              "tpu v6e": "tpu_v6e"}
+
+
+def device_table_key(device_kind: str) -> str | None:
+    """The PEAK_TFLOPS key of a jax device_kind ('NVIDIA H100 80GB HBM3' -> 'h100_sxm'), or
+    None when the table does not hold it (CPUs, other accelerators)."""
+    kind = device_kind.lower()
+    if kind in _TPU_KINDS:
+        return _TPU_KINDS[kind]
+    if "h200" in kind:
+        return "h200"
+    if "h100" in kind:  # the SXM part reports 'NVIDIA H100 80GB HBM3'; NVL is neither
+        return "h100_pcie" if "pcie" in kind else "h100_sxm" if ("hbm3" in kind or "sxm" in kind) \
+            else None
+    if "a100" in kind:  # SXM4 and PCIe share the peak
+        return "a100"
+    return None
+
+
+def _dtype_name(dtype: Any) -> str:
+    name = jnp.dtype(dtype).name
+    if name not in ("bfloat16", "float32"):
+        raise ValueError(f"peak tables hold bfloat16 and float32, not {name}")
+    return name
+
+
+def measure_matmul_peak_tflops(dtype: Any = jnp.float32, *, size: int = 2048, repeats: int = 5,
+                               device: jax.Device | None = None) -> float:
+    """Median TFLOP/s of a jitted [size, size] @ [size, size] matmul (2 size^3 FLOPs) on
+    `device` (default: the first), after one warm-up call. An achievable peak: it includes
+    dispatch, so keep size large enough (>= 1024) for the matmul to dominate."""
+    device = device or jax.devices()[0]
+    dtype = jnp.dtype(_dtype_name(dtype))
+    keys = jax.random.split(jax.random.PRNGKey(0))
+    a, b = (jax.device_put(jax.random.normal(k, (size, size), dtype), device) for k in keys)
+    matmul = jax.jit(jnp.matmul)
+    matmul(a, b).block_until_ready()
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a, b).block_until_ready()
+        seconds.append(time.perf_counter() - start)
+    return 2.0 * size ** 3 / statistics.median(seconds) / 1e12
+
+
+@functools.cache
+def _measured_peak(device: jax.Device, dtype_name: str) -> float:
+    return measure_matmul_peak_tflops(dtype_name, device=device)
+
+
+def peak_tflops(device: jax.Device | None = None, dtype: Any = jnp.bfloat16) -> float:
+    """Peak dense TFLOP/s of one device for matmuls in `dtype`: the table entry of its
+    device_kind, else a measurement (cached per device and dtype; takes a few seconds)."""
+    device = device or jax.devices()[0]
+    name = _dtype_name(dtype)
+    key = device_table_key(device.device_kind)
+    return PEAK_TFLOPS[key][name] if key else _measured_peak(device, name)
+
+
+def mfu(step_flops: float, step_seconds: float, num_devices: int, peak: float) -> float:
+    """Model FLOPs utilisation: step_flops / (step_seconds * num_devices * peak * 1e12),
+    with `peak` in TFLOP/s per device (peak_tflops)."""
+    return step_flops / (step_seconds * num_devices * peak * 1e12)

@@ -1,0 +1,107 @@
+"""Pretraining objectives: MLM, ITM (+ optional ITC) as in METER / BridgeTower / ManagerTower.
+
+One `model.apply(..., method=pretrain_forward)` does the step's forward work:
+
+    image = vision_encoder(pixels)                     once per step, shared by MLM and ITM
+    MLM   fuse(text_encoder(masked ids), image)  -> mlm_logits at every text position
+    ITC   normalize(W_t t_cls) . normalize(W_i v_cls) / tau over the batch   (optional)
+    ITM   fuse(text_encoder(ids), image[neg])    -> itm_logits; half the examples (drawn at
+          random) get another example's image: uniformly among the batch's other images,
+          or, with ITC on, with probability softmax(ITC similarity) (hard negatives)
+
+Sharing the image encoding is exact: the reference encodes the same pixels twice, and the
+CLIP vision tower has no dropout (with vision dropout, one draw serves both passes, as if
+the second pass had drawn the same mask). A negative is another example's already-encoded
+image, so ITM costs no third vision pass. `itm_negatives='dataset'` instead takes false
+images drawn from the whole dataset by the pipeline (the reference's way; one more encode).
+
+Losses are returned as (sum, count) pairs so that gradient accumulation can divide by the
+full batch's counts: the accumulated update then equals the full-batch update.
+
+    L_mlm = sum_masked CE(logits, label) / #masked       L_itm = sum_b CE / B
+    L_itc = (CE(t->i) + CE(i->t)) / 2 per example, / B    L = sum of the enabled terms
+"""
+import jax
+import jax.numpy as jnp
+import optax
+
+from mtower_jax.data.masking import IGNORE
+
+LOSSES = ("mlm", "itm", "itc")
+
+
+def _select_images(image: dict, index: jax.Array) -> dict:
+    """The encoded images reordered along the batch: example b gets image index[b]."""
+    return {"outputs": image["outputs"][:, index], "hidden_states": ()}
+
+
+def itm_negatives(rng: jax.Array, same_image: jax.Array, logits: jax.Array | None
+                  ) -> tuple[jax.Array, jax.Array]:
+    """Chooses the ITM image of each example.
+
+    same_image [B, B] bool: pairs that show the same image (never a negative).
+    logits [B, B] or None: sampling scores for negatives (ITC similarity), None = uniform.
+    Returns (image_index [B] int32, itm_labels [B] int32 with 1 = matched pair). An example
+    whose batch holds no other image stays matched.
+    """
+    flip_rng, pick_rng = jax.random.split(rng)
+    batch = same_image.shape[0]
+    scores = jnp.zeros((batch, batch), jnp.float32) if logits is None else logits
+    scores = jnp.where(same_image, -jnp.inf, scores.astype(jnp.float32))
+    # Gumbel-max draws one index per row with probability softmax(scores).
+    gumbel = jax.random.gumbel(pick_rng, scores.shape)
+    negative = jnp.argmax(scores + gumbel, axis=-1)
+    has_negative = ~jnp.all(same_image, axis=-1)
+    matched = (jax.random.uniform(flip_rng, (batch,)) < 0.5) | ~has_negative
+    index = jnp.where(matched, jnp.arange(batch), negative)
+    return index.astype(jnp.int32), matched.astype(jnp.int32)
+
+
+def _cross_entropy_sum(logits: jax.Array, labels: jax.Array, valid: jax.Array):
+    """(sum of CE over valid positions, #valid, #correct) in float32."""
+    logits = logits.astype(jnp.float32)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(valid, labels, 0))
+    correct = (jnp.argmax(logits, -1) == labels) & valid
+    return (jnp.sum(jnp.where(valid, ce, 0.0)), jnp.sum(valid).astype(jnp.float32),
+            jnp.sum(correct).astype(jnp.float32))
+
+
+def pretrain_forward(model, batch: dict, *, losses: tuple[str, ...], train: bool) -> dict:
+    """`model.apply(variables, batch, losses=..., train=..., method=pretrain_forward,
+    rngs={'dropout': r1, 'negatives': r2})` -> {name: (loss_sum, count, correct)}.
+
+    batch: pixel_values [B, S, S, 3], input_ids / attention_mask / mlm_input_ids /
+    mlm_labels [B, L], record_index [B]; with dataset negatives itm_pixel_values, itm_labels.
+    """
+    bb, mask = model.backbone, batch["attention_mask"]
+    image = bb.encode_image(batch["pixel_values"], train)
+    out = {}
+    if "mlm" in losses:
+        fused = bb.fuse(bb.encode_text(batch["mlm_input_ids"], mask, train), mask, image, train)
+        labels = batch["mlm_labels"]
+        logits = model.head("mlm")(fused, train)["mlm_logits"]
+        out["mlm"] = _cross_entropy_sum(logits, labels, labels != IGNORE)
+    text = bb.encode_text(batch["input_ids"], mask, train)
+    similarity = None
+    if "itc" in losses:
+        itc = model.head("itc")({"unimodal_text_feats": text["hidden_states"][-1],
+                                 "unimodal_image_feats": image["outputs"][-1]}, train)
+        similarity = itc["itc_text_embeds"] @ itc["itc_image_embeds"].T / itc["itc_temperature"]
+        targets = jnp.arange(similarity.shape[0])
+        everyone = jnp.ones_like(targets, bool)
+        t2i, i2t = (_cross_entropy_sum(s, targets, everyone) for s in (similarity, similarity.T))
+        out["itc"] = ((t2i[0] + i2t[0]) / 2, t2i[1], (t2i[2] + i2t[2]) / 2)
+    if "itm" in losses:
+        if "itm_pixel_values" in batch:  # false images drawn from the dataset by the pipeline
+            itm_image = bb.encode_image(batch["itm_pixel_values"], train)
+            itm_labels = batch["itm_labels"]
+        else:
+            record = batch["record_index"]
+            index, itm_labels = itm_negatives(
+                model.make_rng("negatives"), record[:, None] == record[None, :],
+                None if similarity is None else jax.lax.stop_gradient(similarity))
+            itm_image = _select_images(image, index)
+        fused = bb.fuse(text, mask, itm_image, train)
+        logits = model.head("itm")(fused, train)["itm_logits"]
+        out["itm"] = _cross_entropy_sum(logits, itm_labels, jnp.ones_like(itm_labels, bool))
+    return out

@@ -1,0 +1,102 @@
+"""The pure pretraining step `(state, batch, rng) -> (state, metrics)` and its eval twin.
+
+Gradient accumulation: the global batch is split into `grad_accum_steps` micro-batches
+(example i goes to micro-batch i mod k, so each stays spread over all devices); each
+micro-batch's loss is divided by the *full* batch's counts (masked tokens for MLM, examples
+for ITM / ITC), so the summed gradients are the full-batch gradients.
+
+Non-finite guard: if the loss or any gradient is NaN / Inf, params and optimizer state are
+kept bit-for-bit (`where(finite, new, old)`), the step counter still advances (the batch is
+consumed) and `metrics['nonfinite'] = 1`; the loop counts it or stops, per
+`config.on_nonfinite`.
+"""
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from mtower_jax.data.masking import IGNORE
+from mtower_jax.train.objectives import pretrain_forward
+from mtower_jax.train.optimizer import learning_rate_schedule
+
+
+def denominators(batch: dict, losses: tuple[str, ...]) -> dict:
+    """Full-batch counts each loss is averaged over."""
+    batch_size = jnp.float32(batch["input_ids"].shape[0])
+    counts = {"itm": batch_size, "itc": batch_size}
+    if "mlm" in losses:
+        counts["mlm"] = jnp.maximum(jnp.sum(batch["mlm_labels"] != IGNORE), 1).astype(jnp.float32)
+    return {k: counts[k] for k in losses}
+
+
+def _micro_batches(batch: dict, k: int) -> dict:
+    """[B, ...] -> [k, B / k, ...] with example i in micro-batch i mod k."""
+    def split(x):
+        return x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
+    return jax.tree.map(split, batch)
+
+
+def _metrics(terms: dict, counts: dict) -> dict:
+    """Losses and accuracies from summed (loss, count, correct) terms."""
+    out = {}
+    for name, (loss_sum, _, correct) in terms.items():
+        out[f"loss_{name}"] = loss_sum / counts[name]
+        out[f"acc_{name}"] = correct / counts[name]
+    out["loss"] = sum(out[f"loss_{name}"] for name in terms)
+    return out
+
+
+def make_train_step(config: ml_collections.ConfigDict, model, tx: optax.GradientTransformation
+                    ) -> Callable:
+    losses, k = tuple(config.losses), int(config.grad_accum_steps)
+    schedule = learning_rate_schedule(config.optimizer.lr, config.total_steps,
+                                      config.optimizer.warmup_fraction)
+
+    def micro_grads(params, micro: dict, rng: jax.Array, counts: dict):
+        def loss_fn(p):
+            dropout_rng, negatives_rng = jax.random.split(rng)
+            terms = model.apply({"params": p}, micro, losses=losses, train=True,
+                                method=pretrain_forward,
+                                rngs={"dropout": dropout_rng, "negatives": negatives_rng})
+            return sum(terms[n][0] / counts[n] for n in losses), terms
+        return jax.grad(loss_fn, has_aux=True)(params)
+
+    def train_step(state: dict, batch: dict, rng: jax.Array) -> tuple[dict, dict]:
+        params, counts = state["params"], denominators(batch, losses)
+        if k == 1:
+            grads, terms = micro_grads(params, batch, rng, counts)
+        else:
+            def body(carry, xs):
+                micro, micro_rng = xs
+                g, t = micro_grads(params, micro, micro_rng, counts)
+                return jax.tree.map(jnp.add, carry, (g, t)), None
+            zeros = jax.eval_shape(micro_grads, params, jax.tree.map(lambda x: x[0], (
+                _micro_batches(batch, k))), rng, counts)
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
+            (grads, terms), _ = jax.lax.scan(
+                body, zeros, (_micro_batches(batch, k), jax.random.split(rng, k)))
+        metrics = _metrics(terms, counts)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        new = {"params": optax.apply_updates(params, updates), "opt_state": opt_state}
+        old = {"params": params, "opt_state": state["opt_state"]}
+        kept = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        metrics.update(grad_norm=grad_norm, lr=schedule(state["step"]),
+                       nonfinite=1 - finite.astype(jnp.int32))
+        return {**state, **kept, "step": state["step"] + 1}, metrics
+
+    return train_step
+
+
+def make_eval_step(config: ml_collections.ConfigDict, model) -> Callable:
+    """(params, batch, rng) -> summed terms {name: (loss_sum, count, correct)} for MLM/ITM
+    accuracy on a held-out split (the rng only draws the ITM negatives)."""
+    losses = tuple(config.losses)
+
+    def eval_step(params, batch: dict, rng: jax.Array) -> dict:
+        return model.apply({"params": params}, batch, losses=losses, train=False,
+                           method=pretrain_forward, rngs={"negatives": rng})
+    return eval_step
