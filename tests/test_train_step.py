@@ -159,3 +159,34 @@ def test_nonfinite_batch_skips_the_update_exactly(overfit_setup):
                         before["opt_state"])
     assert all(jax.tree.leaves(same))
     assert int(after["step"]) == int(before["step"]) + 1
+
+
+def test_nonfinite_policy_skip_counts_and_stop_names_the_step():
+    from mtower_jax.train.loop import NonFiniteLossError, check_nonfinite
+    bad = dict(nonfinite=1.0, loss=float("nan"), grad_norm=float("inf"))
+    assert check_nonfinite(dict(bad, nonfinite=0.0), 7, "stop", 0) == 0
+    assert check_nonfinite(bad, 7, "skip", 0) == 1
+    with pytest.raises(NonFiniteLossError, match="step 7"):
+        check_nonfinite(bad, 7, "stop", 0)
+
+
+def test_itm_negatives_never_pick_the_same_image_and_follow_the_scores():
+    import jax.numpy as jnp
+    from mtower_jax.train.objectives import itm_negatives
+    record = jnp.array([0, 0, 1, 2, 3, 4, 5, 6])  # examples 0 and 1 show the same image
+    same = record[:, None] == record[None, :]
+    counts, matched = np.zeros((8, 8)), []
+    for seed in range(300):
+        index, labels = itm_negatives(jax.random.PRNGKey(seed), same, None)
+        index, labels = np.asarray(index), np.asarray(labels)
+        matched.append(labels.mean())
+        negatives = labels == 0
+        assert not np.asarray(same)[np.flatnonzero(negatives), index[negatives]].any()
+        np.testing.assert_array_equal(index[~negatives], np.flatnonzero(~negatives))
+        counts[np.flatnonzero(negatives), index[negatives]] += 1
+    assert abs(np.mean(matched) - 0.5) < 0.03
+    # Hard negatives: with ITC-like scores favouring image 7 for text 2, it dominates.
+    logits = jnp.zeros((8, 8)).at[2, 7].set(5.0)
+    picks = [int(itm_negatives(jax.random.PRNGKey(s), same, logits)[0][2]) for s in range(200)]
+    picks = [p for p in picks if p != 2]  # matched draws keep index 2
+    assert np.mean(np.array(picks) == 7) > 0.9

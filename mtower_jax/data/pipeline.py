@@ -131,7 +131,6 @@ def make_dataset(index: SplitIndex, spec: examples.TaskSpec, *, batch_size: int,
 # Which synthetic-world task (and record schema) serves each training task.
 SYNTHETIC_TASKS = dict(pretrain="captions", vqa="vqa", nlvr2="nlvr2", snli_ve="snli_ve",
                        retrieval="retrieval")
-IMAGE_MODES = dict(pretrain="pretrain")  # fine-tuning tasks: 'finetune' in train, 'eval' else
 
 
 def open_builder(name: str, task: str, data: ml_collections.ConfigDict, image_size: int):
@@ -193,7 +192,7 @@ def task_data(config: ml_collections.ConfigDict, task: str, split: str, *, train
     spec = examples.TaskSpec(
         task=task, tokenizer=tokenizer, image_size=image_size,
         max_text_len=model.max_text_len,
-        image_mode=IMAGE_MODES.get(task, "finetune") if train else "eval",
+        image_mode="pretrain" if task == "pretrain" else ("finetune" if train else "eval"),
         flip=train and data.get("flip", task != "vqa"),
         mlm_probability=config.get("mlm_probability", 0.15),
         itm_negatives=data.get("itm_negatives", "batch"), num_answers=answers)

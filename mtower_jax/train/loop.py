@@ -53,6 +53,21 @@ class _Preemption:
         signal.signal(signal.SIGTERM, self._previous)
 
 
+def check_nonfinite(values: dict, step: int, policy: str, skipped_so_far: int) -> int:
+    """1 if step `step` was skipped for a NaN / Inf (policy 'skip'), else 0; raises under
+    policy 'stop', naming the step."""
+    if not values["nonfinite"]:
+        return 0
+    if policy == "stop":
+        raise NonFiniteLossError(
+            f"step {step}: non-finite loss or gradient (loss={values['loss']}, "
+            f"grad_norm={values['grad_norm']}); the params are those after step {step - 1}. "
+            "Set config.on_nonfinite='skip' to skip such steps instead")
+    logging.warning("step %d: non-finite loss or gradient; update skipped (%d so far)", step,
+                    skipped_so_far + 1)
+    return 1
+
+
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -137,15 +152,7 @@ def _train(config, workdir, mesh, rules) -> dict:
         """Host side of one finished step's metrics (fetched one step late)."""
         nonlocal skipped
         values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        if values["nonfinite"]:
-            if config.on_nonfinite == "stop":
-                raise NonFiniteLossError(
-                    f"step {metrics_step}: non-finite loss or gradient (loss={values['loss']}, "
-                    f"grad_norm={values['grad_norm']}); params are from step {metrics_step - 1}. "
-                    "Set config.on_nonfinite='skip' to skip such steps instead")
-            skipped += 1
-            logging.warning("step %d: non-finite loss or gradient; update skipped (%d so far)",
-                            metrics_step, skipped)
+        skipped += check_nonfinite(values, metrics_step, config.on_nonfinite, skipped)
         window.append(values)
 
     try:
