@@ -1,7 +1,5 @@
 """Grain pipelines over the synthetic world: features per task, determinism, exact resume,
 disjoint per-process slices, bad images skipped and counted, clear errors for missing data."""
-import os
-import shutil
 
 import numpy as np
 import pytest

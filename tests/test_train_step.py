@@ -3,7 +3,6 @@ accumulation equivalence, overfitting one batch, the non-finite guard."""
 import flax.linen as nn
 import jax
 import numpy as np
-import optax
 import pytest
 from flax import traverse_util
 

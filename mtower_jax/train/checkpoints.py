@@ -85,19 +85,3 @@ def latest_complete_step(workdir: str) -> int | None:
         return None
     steps = [int(n) for n in os.listdir(directory) if n.isdigit()]
     return max(steps) if steps else None
-
-
-def save_params(directory: str, params) -> None:
-    """Params only (the format `python -m mtower_jax.convert` writes): DIR/params."""
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(os.path.join(os.path.abspath(directory), "params"), params)
-
-
-def restore_params(directory: str, abstract_params=None):
-    """Params saved by `save_params` / the converter, optionally onto `abstract_params`."""
-    with ocp.StandardCheckpointer() as ckptr:
-        path = os.path.join(os.path.abspath(directory), "params")
-        return ckptr.restore(path, abstract_params) if abstract_params is not None else (
-            ckptr.restore(path))
-
-

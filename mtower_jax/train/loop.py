@@ -9,7 +9,6 @@
                        on the critical path); log / eval / checkpoint on schedule
     preemption         SIGTERM -> checkpoint at the next step boundary, exit 0
 """
-import json
 import logging
 import os
 import signal
@@ -85,10 +84,10 @@ def _initial_state(config, checkpoints, abstract_state, init, data_iter) -> dict
     return init()
 
 
-def evaluate(config, eval_step, params, mesh) -> dict:
-    """MLM / ITM (/ ITC) loss and accuracy over config.eval_steps batches of the eval split
-    (the same batches and negatives every time)."""
-    it = iter(pipeline.pretrain_data(config, config.data.eval_split, train=False))
+def evaluate(config, eval_step, params, mesh, eval_data) -> dict:
+    """MLM / ITM (/ ITC) loss and accuracy over config.eval_steps batches of `eval_data`
+    (the eval split in order: the same batches and negatives every time)."""
+    it = iter(eval_data)
     totals = {}
     for i in range(config.eval_steps):
         try:
@@ -134,6 +133,8 @@ def _train(config, workdir, mesh, rules) -> dict:
                          in_shardings=(state_shardings, batch_sharding, replicated),
                          out_shardings=(state_shardings, replicated), donate_argnums=0)
     eval_step = jax.jit(make_eval_step(config, model))
+    eval_data = (pipeline.pretrain_data(config, config.data.eval_split, train=False)
+                 if config.eval_every else None)  # opened once, iterated afresh each eval
 
     step = int(jax.device_get(state["step"]))
     base_rng = jax.device_get(state["rng"])  # a host copy: the state buffers are donated
@@ -176,7 +177,7 @@ def _train(config, workdir, mesh, rules) -> dict:
                 writer.write(step, last)
                 window, window_start = [], time.perf_counter()
             if config.eval_every and (step % config.eval_every == 0 or at_end):
-                writer.write(step, evaluate(config, eval_step, state["params"], mesh))
+                writer.write(step, evaluate(config, eval_step, state["params"], mesh, eval_data))
                 window_start = time.perf_counter()  # examples/s counts training time only
             if step % config.checkpoint_every == 0 or at_end or preemption.requested:
                 checkpoints.save(step, state, data_iter, force=True)

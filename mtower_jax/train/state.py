@@ -15,7 +15,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import optax
 
 from mtower_jax.models import build_model, example_inputs
 from mtower_jax.models.partitioning import DEFAULT_RULES

@@ -9,6 +9,7 @@ the user must have downloaded, for the error message) and implements
     builder.build()                 # writes ArrayRecord shards + the text index
     source = builder.as_data_source()["train"]
 """
+import abc
 import io
 import json
 import os
@@ -66,8 +67,9 @@ class RawFilesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             self.bad[split] = BadRecords(f"{self.name}/{split}", self.max_skipped_fraction)
         return self.bad[split]
 
+    @abc.abstractmethod
     def _splits(self, raw_dir: str, bad) -> dict:
-        raise NotImplementedError
+        """{split: iterator of (key, example)}; `bad(split)` is that split's BadRecords."""
 
     def build(self) -> "RawFilesBuilder":
         """Writes the shards (unless already built), checks skips, writes the text index."""
