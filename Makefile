@@ -21,15 +21,14 @@ $(VENV)/.test-installed: requirements-test.txt $(VENV)/.runtime-installed
 
 install: $(VENV)/.runtime-installed
 
-# The main job: pretrain the tiny ManagerTower on the synthetic shapes world (generated into
-# data/ on first use), from scratch each time (the previous demo run is removed).
+# The main job on the synthetic shapes world (generated into data/ on first use): pretrain the
+# tiny ManagerTower, fine-tune VQA from it and from scratch, plot the managers, summarise.
+# runs/demo is replaced each time; runs/.xla_cache keeps compiled programs between runs.
 DEMO_DIR := runs/demo
 demo: $(VENV)/.runtime-installed
 	$(PY) -m mtower_jax.summary --config=configs/pretrain.py:model=tiny
 	rm -rf $(DEMO_DIR)
-	$(PY) -m mtower_jax.main --config=configs/pretrain.py:model=tiny,data=synthetic \
-		--workdir=$(DEMO_DIR)
-	@echo "checkpoints: $(DEMO_DIR)/checkpoints  metrics: $(DEMO_DIR)/metrics.jsonl  TensorBoard: $(DEMO_DIR)/tensorboard"
+	$(PY) -m mtower_jax.tools.demo --workdir=$(DEMO_DIR)
 
 test: $(VENV)/.test-installed
 	$(PY) -m pytest -q tests

@@ -31,12 +31,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         data_dir="data" if synthetic else "",  # real data: the tfds folder the builders wrote
         tokenizer_dir="",  # '' = the synthetic world's BPE; real data: roberta-base's files
         train_split="train",
-        eval_split="val",
+        eval_splits=("val",),
         synthetic_seed=0,
         num_workers=0,  # grain worker processes
         max_skipped_fraction=0.01,  # bad records tolerated before the run fails
         itm_negatives="batch",  # 'batch': permute the encoded images; 'dataset': reference's
     ))
+    config.task = "pretrain"
     config.losses = ("mlm", "itm")
     config.mlm_probability = 0.15
 
@@ -53,8 +54,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.seed = 0
     config.init_from = ""
     config.log_every = 100 if paper else 10
-    config.eval_every = 5000 if paper else 100
-    config.eval_steps = 50 if paper else 4  # batches of the eval split per evaluation
+    config.eval_every = 5000 if paper else 100  # 0: only at the end; -1: never
+    config.eval_steps = 50 if paper else 4  # batches per periodic evaluation (the last: all)
+    config.eval_batch_size = 256 if paper else 32
     config.checkpoint_every = 5000 if paper else 100
     config.keep_checkpoints = 3
     # Mesh axis sizes; -1 takes the remaining devices. Rules map logical axes to mesh axes.

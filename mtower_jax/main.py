@@ -2,6 +2,13 @@
 
     python -m mtower_jax.main --config=configs/pretrain.py:model=tiny,data=synthetic \
         --workdir=runs/pretrain --config.total_steps=300 --config.mesh.fsdp=2
+    python -m mtower_jax.main --config=configs/vqav2.py:model=tiny --workdir=runs/vqa \
+        --config.init_from=runs/pretrain
+    python -m mtower_jax.main --config=configs/vqav2.py:model=tiny --workdir=runs/vqa --mode=eval
+
+`--mode=train` (default) trains, or resumes, to config.total_steps and evaluates at the end;
+`--mode=eval` evaluates the newest checkpoint in DIR (else config.init_from) on every split
+of config.data.eval_splits and writes DIR/eval_<split>.json.
 
 Config files are Python that runs in this process: only use ones you trust. Values given
 on the command line (`--config.x=y`) are parsed and type-checked against the locked config.
@@ -18,6 +25,8 @@ from mtower_jax.train import loop
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:args].",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, logs).")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "Train (and resume), or only "
+                          "evaluate the newest checkpoint / config.init_from.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -33,7 +42,10 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     logging.set_verbosity(logging.INFO)
     logging.get_absl_handler().addFilter(_QuietLibraries())
-    loop.train(_CONFIG.value, _WORKDIR.value)
+    if _MODE.value == "eval":
+        loop.evaluate_only(_CONFIG.value, _WORKDIR.value)
+    else:
+        loop.train(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":  # grain worker processes re-import this module

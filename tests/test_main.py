@@ -34,7 +34,7 @@ def command(env, workdir, *extra) -> list[str]:
     return [sys.executable, "-m", "mtower_jax.main",
             "--config=configs/pretrain.py:model=tiny", f"--workdir={workdir}",
             f"--config.data.data_dir={env['data_dir']}", "--config.batch_size=8",
-            "--config.eval_every=0", *MODEL, *extra]
+            "--config.eval_every=-1", *MODEL, *extra]
 
 
 def run(env, workdir, *extra, check=True) -> subprocess.CompletedProcess:
@@ -88,8 +88,11 @@ def test_a_run_writes_config_metrics_tensorboard_and_checkpoints(uninterrupted):
     for key in ("loss_mlm", "loss_itm", "acc_mlm", "acc_itm", "lr", "grad_norm",
                 "examples_per_s", "tflops", "mfu"):
         assert all(np.isfinite(r[key]) for r in train), key
-    evals = [r for r in records if "eval_acc_itm" in r]
+    evals = [r for r in records if "val/acc_itm" in r]
     assert [r["step"] for r in evals] == [20, 40]
+    final = json.loads((uninterrupted / "eval_val.json").read_text())  # the whole split
+    assert final["step"] == 40 and final["examples"] > evals[0]["val/examples"]
+    assert final["acc_itm"] == evals[-1]["val/acc_itm"]
     assert os.listdir(uninterrupted / "tensorboard")
     steps = sorted(int(n) for n in os.listdir(uninterrupted / "checkpoints") if n.isdigit())
     assert steps == [20, 30, 40]  # keep_checkpoints=3

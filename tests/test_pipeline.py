@@ -88,6 +88,7 @@ def test_process_slices_are_disjoint_and_cover_each_epoch_once(data_dir):
 @pytest.mark.parametrize("task", ["vqa", "nlvr2", "snli_ve", "retrieval"])
 def test_finetuning_tasks(data_dir, task):
     config = config_for(data_dir)
+    config.model.vqa_num_answers = 16  # the shapes world's answers
     fn = getattr(pipeline, f"{task}_data")
     split = dict(vqa="val", nlvr2="dev", snli_ve="dev", retrieval="val")[task]
     train = next(iter(fn(config, train=True)))
@@ -172,3 +173,17 @@ def test_grain_worker_processes_give_the_same_batches(data_dir):
     config.data.num_workers = 2
     it = iter(pipeline.pretrain_data(config, train=True))
     assert_batches_equal(take(it, 3), expected)
+
+
+def test_vqa_answer_count_must_match_the_head(data_dir):
+    config = config_for(data_dir)  # pretrain config: model.vqa_num_answers = 3129
+    with pytest.raises(DataError, match="has 16 VQA answers but model.vqa_num_answers=3129"):
+        pipeline.vqa_data(config, train=True)
+
+
+def test_one_text_per_record_walks_the_image_gallery(data_dir):
+    config = config_for(data_dir)
+    batch = next(iter(pipeline.retrieval_data(config, "val", train=False,
+                                              one_text_per_record=True)))
+    np.testing.assert_array_equal(batch["record_index"], np.arange(8))
+    assert pipeline.num_examples(config, "retrieval", "val") == 5 * 200

@@ -142,8 +142,11 @@ def open_builder(name: str, task: str, data: ml_collections.ConfigDict, image_si
     data_dir = os.path.expanduser(data.data_dir)
     if name == "synthetic_shapes":
         from mtower_jax.data.builders import synthetic_shapes
+        train_images = data.get("synthetic_train_images", 0)  # 0: the world's default
         return synthetic_shapes.ensure_built(SYNTHETIC_TASKS[task], data_dir,
-                                             image_size=image_size, seed=data.synthetic_seed)
+                                             image_size=image_size, seed=data.synthetic_seed,
+                                             split_sizes={"train": train_images} if train_images
+                                             else None)
     if not data_dir or not os.path.isdir(data_dir):
         raise DataError(f"config.data.data_dir={data.data_dir!r} is not a directory; point it "
                         f"at the tfds folder the builders wrote (`{build_command(name)}`)")
@@ -152,6 +155,14 @@ def open_builder(name: str, task: str, data: ml_collections.ConfigDict, image_si
         raise DataError(f"dataset {name!r} is not built under {data_dir}; build it with:\n  "
                         f"{build_command(name, data_dir=data_dir)}")
     return builder
+
+
+def _image_mode(task: str, train: bool, augment: bool) -> str:
+    """Pretraining: resize + center crop; fine-tuning: random crop + RandAugment when
+    training with config.data.augment; evaluation: resize to square."""
+    if task == "pretrain":
+        return "pretrain"
+    return "finetune" if train and augment else "eval"
 
 
 def tokenizer_for(data: ml_collections.ConfigDict) -> Tokenizer:
@@ -164,27 +175,53 @@ def tokenizer_for(data: ml_collections.ConfigDict) -> Tokenizer:
     return Tokenizer.from_dir(TOKENIZER_DIR)
 
 
+def split_parts(config: ml_collections.ConfigDict, task: str, split: str
+                ) -> list[tuple[object, object, np.ndarray]]:
+    """(builder, data source, texts-per-record counts) of `split` in each config.data.datasets."""
+    parts = []
+    for name in config.data.datasets:
+        builder = open_builder(name, task, config.data, config.model.vision.image_size)
+        if split not in builder.info.splits:
+            raise DataError(f"dataset {name!r} has no split {split!r}; it has "
+                            f"{sorted(builder.info.splits)}")
+        parts.append((builder, builder.as_data_source()[split], records.text_index(builder, split)))
+    return parts
+
+
+def num_examples(config: ml_collections.ConfigDict, task: str, split: str) -> int:
+    """(record, text) pairs in `split`: one epoch of `task_data(..., train=True)`."""
+    return int(sum(np.sum(counts) for _, _, counts in split_parts(config, task, split)))
+
+
+def answer_vocabulary(config: ml_collections.ConfigDict, split: str = "train") -> list[str]:
+    """The VQA answers (index = label id) of the first dataset in config.data.datasets."""
+    builder = split_parts(config, "vqa", split)[0][0]
+    return read_answers(builder.data_dir)
+
+
 def task_data(config: ml_collections.ConfigDict, task: str, split: str, *, train: bool,
               batch_size: int | None = None, process_index: int | None = None,
-              process_count: int | None = None) -> grain.IterDataset:
+              process_count: int | None = None,
+              one_text_per_record: bool = False) -> grain.IterDataset:
     """The pipeline of `task` on `split` of every dataset in config.data.datasets.
 
     Reads config.data (datasets, data_dir, tokenizer_dir, num_workers,
-    max_skipped_fraction, itm_negatives, synthetic_seed, ...), config.model (image size,
-    text length), config.seed, config.batch_size (global) and, for pretraining,
-    config.mlm_probability. Process index / count default to JAX's.
+    max_skipped_fraction, itm_negatives, synthetic_seed, augment, ...), config.model (image
+    size, text length, VQA answers), config.seed, config.batch_size (global) and, for
+    pretraining, config.mlm_probability. Process index / count default to JAX's.
+    `one_text_per_record`: each record once, with its first text (an image gallery).
     """
     data, model = config.data, config.model
     image_size = model.vision.image_size
     parts, answers = [], 0
-    for name in data.datasets:
-        builder = open_builder(name, task, data, image_size)
-        if split not in builder.info.splits:
-            raise DataError(f"dataset {name!r} has no split {split!r}; it has "
-                            f"{sorted(builder.info.splits)}")
-        parts.append((builder.as_data_source()[split], records.text_index(builder, split)))
+    for builder, source, counts in split_parts(config, task, split):
+        parts.append((source, np.minimum(counts, 1) if one_text_per_record else counts))
         if task == "vqa":
             answers = len(read_answers(builder.data_dir))
+            if answers != model.vqa_num_answers:
+                raise DataError(f"{builder.data_dir} has {answers} VQA answers but "
+                                f"model.vqa_num_answers={model.vqa_num_answers}; set "
+                                f"--config.model.vqa_num_answers={answers}")
     tokenizer = tokenizer_for(data)
     if tokenizer.vocab_size > model.text.vocab_size:
         raise DataError(f"the tokenizer has {tokenizer.vocab_size} tokens but "
@@ -192,7 +229,7 @@ def task_data(config: ml_collections.ConfigDict, task: str, split: str, *, train
     spec = examples.TaskSpec(
         task=task, tokenizer=tokenizer, image_size=image_size,
         max_text_len=model.max_text_len,
-        image_mode="pretrain" if task == "pretrain" else ("finetune" if train else "eval"),
+        image_mode=_image_mode(task, train, data.get("augment", True)),
         flip=train and data.get("flip", task != "vqa"),
         mlm_probability=config.get("mlm_probability", 0.15),
         itm_negatives=data.get("itm_negatives", "batch"), num_answers=answers)

@@ -162,6 +162,28 @@ def pretrain_step_flops(model_cfg: ml_collections.ConfigDict, batch_size: int, *
     return batch_size * model_flops_per_example(model_cfg, passes=passes)
 
 
+def train_step_flops(config: ml_collections.ConfigDict) -> float:
+    """Training FLOPs of one step of the run `config` (its task, losses and global batch).
+
+    Fine-tuning passes per example: VQA / SNLI-VE one encode of each modality and one
+    fusion; NLVR2 two images and two fusions; retrieval ITC over the batch plus ITM on three
+    fusions (the positive and two hard negatives). Classifier heads are not counted (< 0.1%
+    of a base step)."""
+    task, batch, m = config.get("task", "pretrain"), config.batch_size, config.model
+    if task == "pretrain":
+        dataset_negatives = config.data.get("itm_negatives", "batch") == "dataset"
+        return pretrain_step_flops(
+            m, batch, image_encodes_per_example=2 if dataset_negatives else 1,
+            mlm_positions=m.max_text_len if "mlm" in config.losses else 0,
+            itc_batch=batch if "itc" in config.losses else 0)
+    passes = dict(text_encodes=1, image_encodes=1, fusions=1)
+    if task == "nlvr2":
+        passes.update(image_encodes=2, fusions=2)
+    if task == "retrieval":
+        passes.update(fusions=3, itm=3, itc_batch=batch)
+    return batch * model_flops_per_example(m, passes=passes)
+
+
 def traced_matmul_flops(fn: Callable[..., Any], *args, **kwargs) -> float:
     """2 x the multiply-adds of every dot_general in fn's jaxpr (einsum, @, tensordot...):
     the analytic convention applied to the traced program. Scan bodies count `length` times,

@@ -7,6 +7,11 @@ Params only: the optimizer starts fresh. Parameters this model has and the sourc
 (e.g. a task head after pretraining) keep their fresh initialisation and are listed in the
 log; source parameters this model lacks (e.g. the MLM head when fine-tuning) are listed
 and ignored. A shape mismatch is an error that lists every mismatched parameter.
+
+Two shapes legitimately change from pretraining to fine-tuning and are adapted first:
+  - the ViT position table follows the image size (288 -> 384 / 576): the class row is
+    kept, the grid resized bicubically (convert/position_embeddings.py);
+  - NLVR2's third token type (its second image) starts as a copy of the image row.
 """
 import logging
 import os
@@ -15,14 +20,18 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
+from mtower_jax.convert.position_embeddings import resize
 from mtower_jax.train.checkpoints import latest_complete_step
+
+VISION_POSITIONS = "backbone/vision_encoder/position_embedding"
+TOKEN_TYPES = "backbone/token_type_embeddings/embedding"
 
 
 class InitFromError(ValueError):
     """The init_from source cannot initialise this model (all problems listed)."""
 
 
-def _source_params(directory: str) -> dict:
+def read_params(directory: str) -> dict:
     """The params pytree (numpy) stored under `directory`, either layout above."""
     directory = os.path.abspath(os.path.expanduser(directory))
     params_dir = os.path.join(directory, "params")
@@ -38,13 +47,34 @@ def _source_params(directory: str) -> dict:
         return ckptr.restore(state_dir)["params"]
 
 
+def adapt_source(source_flat: dict, fresh_flat: dict) -> tuple[dict, list[str]]:
+    """The source's position table and token types reshaped to the model's (see the module
+    docstring); returns (adapted flat source, what was changed)."""
+    out, notes = dict(source_flat), []
+    if VISION_POSITIONS in out and VISION_POSITIONS in fresh_flat:
+        have, want = np.shape(out[VISION_POSITIONS]), np.shape(fresh_flat[VISION_POSITIONS])
+        if have[0] != want[0] and have[1:] == want[1:]:
+            grid = int(round((want[0] - 1) ** 0.5))
+            out[VISION_POSITIONS] = resize(np.asarray(out[VISION_POSITIONS]), grid)
+            notes.append(f"{VISION_POSITIONS} resized {have} -> {want}")
+    if TOKEN_TYPES in out and TOKEN_TYPES in fresh_flat:
+        table = np.asarray(out[TOKEN_TYPES])
+        rows = np.shape(fresh_flat[TOKEN_TYPES])[0]
+        if table.shape[0] == 2 and rows == 3 and table.shape[1:] == np.shape(
+                fresh_flat[TOKEN_TYPES])[1:]:
+            out[TOKEN_TYPES] = np.concatenate([table, table[1:2]])
+            notes.append(f"{TOKEN_TYPES}: row 2 (second image) copied from row 1 (image)")
+    return out, notes
+
+
 def merge_params(fresh: dict, source: dict, what: str) -> tuple[dict, dict]:
     """(params, report): `fresh` with every leaf that `source` has replaced by it.
 
-    report = {'loaded': [...], 'fresh': [...], 'ignored': [...]} as '/'-joined paths.
+    report = {'loaded': [...], 'fresh': [...], 'ignored': [...], 'adapted': [...]} as
+    '/'-joined paths (adapted: notes on reshaped leaves).
     """
     fresh_flat = traverse_util.flatten_dict(fresh, sep="/")
-    source_flat = traverse_util.flatten_dict(source, sep="/")
+    source_flat, adapted = adapt_source(traverse_util.flatten_dict(source, sep="/"), fresh_flat)
     mismatched = [f"  {k}: {what} has {tuple(np.shape(source_flat[k]))}, the model "
                   f"{tuple(np.shape(v))}" for k, v in fresh_flat.items()
                   if k in source_flat and tuple(np.shape(source_flat[k])) != tuple(np.shape(v))]
@@ -56,14 +86,17 @@ def merge_params(fresh: dict, source: dict, what: str) -> tuple[dict, dict]:
               for k, v in fresh_flat.items()}
     report = dict(loaded=sorted(k for k in fresh_flat if k in source_flat),
                   fresh=sorted(k for k in fresh_flat if k not in source_flat),
-                  ignored=sorted(k for k in source_flat if k not in fresh_flat))
+                  ignored=sorted(k for k in source_flat if k not in fresh_flat),
+                  adapted=adapted)
     return traverse_util.unflatten_dict(merged, sep="/"), report
 
 
 def load_init_params(directory: str, fresh_params: dict) -> dict:
     """`fresh_params` (host numpy tree) overwritten from `directory`; the report is logged."""
-    params, report = merge_params(fresh_params, _source_params(directory), directory)
+    params, report = merge_params(fresh_params, read_params(directory), directory)
     logging.info("init_from %s: loaded %d parameters", directory, len(report["loaded"]))
+    for note in report["adapted"]:
+        logging.info("init_from %s: %s", directory, note)
     for kind in ("fresh", "ignored"):
         if report[kind]:
             logging.warning("init_from %s: %s %d parameters: %s", directory,

@@ -1,15 +1,24 @@
-"""The pretraining run, top to bottom:
+"""The training run of any task (pretraining or fine-tuning), top to bottom:
 
-    mesh, rules        from config.mesh (train/mesh.py)
-    data               grain iterators of the train and eval splits (data/pipeline.py)
-    state              resume from DIR/checkpoints, else init_from, else fresh init
-    step               jit(train_step) with explicit shardings, the state donated
-    loop               each step: host batch -> global arrays -> step; the previous
-                       step's metrics are fetched while this one runs (no host sync
-                       on the critical path); log / eval / checkpoint on schedule
-    preemption         SIGTERM -> checkpoint at the next step boundary, exit 0
+    config     config.task picks the forward (train/tasks); fine-tuning epochs become
+               total_steps from the train split's size
+    mesh       from config.mesh (train/mesh.py)
+    data       grain iterator of the train split (data/pipeline.py)
+    state      resume from DIR/checkpoints, else init_from (heads fresh, position table
+               and token types adapted: train/init_from.py), else fresh init
+    step       jit(train_step) with explicit shardings, the state donated
+    loop       each step: host batch -> global arrays -> step; the previous step's
+               metrics are fetched while this one runs (no host sync on the critical
+               path); log / eval / checkpoint on schedule
+    eval       every eval split (train/evaluation.py); the last evaluation also writes
+               DIR/eval_<split>.json
+    preemption SIGTERM -> checkpoint at the next step boundary, exit 0
+
+`evaluate_only` is `--mode=eval`: the newest checkpoint (or init_from) on every eval split.
 """
+import copy
 import logging
+import math
 import os
 import signal
 import time
@@ -24,10 +33,12 @@ from mtower_jax.data import pipeline
 from mtower_jax.models.partitioning import DEFAULT_RULES
 from mtower_jax.train import flops, mesh as mesh_lib
 from mtower_jax.train.checkpoints import Checkpoints
+from mtower_jax.train.evaluation import Evaluator
 from mtower_jax.train.init_from import load_init_params
 from mtower_jax.train.metrics import MetricsWriter
 from mtower_jax.train.state import create_train_state
-from mtower_jax.train.step import make_eval_step, make_train_step
+from mtower_jax.train.step import make_train_step
+from mtower_jax.train.tasks import get_task
 
 NONFINITE_POLICIES = ("skip", "stop")
 
@@ -84,23 +95,37 @@ def _initial_state(config, checkpoints, abstract_state, init, data_iter) -> dict
     return init()
 
 
-def evaluate(config, eval_step, params, mesh, eval_data) -> dict:
-    """MLM / ITM (/ ITC) loss and accuracy over config.eval_steps batches of `eval_data`
-    (the eval split in order: the same batches and negatives every time)."""
-    it = iter(eval_data)
-    totals = {}
-    for i in range(config.eval_steps):
-        try:
-            batch = mesh_lib.global_batch(next(it), mesh)
-        except StopIteration:
-            break
-        terms = jax.device_get(eval_step(params, batch, jax.random.PRNGKey(i)))
-        for name, values in terms.items():
-            totals[name] = np.add(totals.get(name, 0.0), np.asarray(values, np.float64))
+def resolve_total_steps(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A copy of `config` whose total_steps is set: config.epochs passes over the train
+    split when total_steps is 0 (fine-tuning), else total_steps as given."""
+    config = copy.deepcopy(config)
+    if config.total_steps <= 0:
+        epochs = config.get("epochs", 0)
+        if epochs <= 0:
+            raise ValueError("config.total_steps must be > 0, or config.epochs > 0 to derive it")
+        examples = pipeline.num_examples(config, config.get("task", "pretrain"),
+                                         config.data.train_split)
+        config.total_steps = max(1, math.ceil(epochs * examples / config.batch_size))
+        logging.info("%s epochs of %d examples at batch %d: %d steps", epochs, examples,
+                     config.batch_size, config.total_steps)
+    return config
+
+
+def _scalars(metrics: dict, prefix: str) -> dict:
+    """The numeric entries of an evaluation's metrics, keyed '<split>/<name>'."""
+    return {f"{prefix}/{k}": float(v) for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def evaluate_splits(config, evaluator: Evaluator, params, step: int, *, final: bool) -> dict:
+    """Every split of config.data.eval_splits; `final` evaluations read whole splits and
+    write DIR/eval_<split>.json."""
     out = {}
-    for name, (loss_sum, count, correct) in totals.items():
-        out[f"eval_loss_{name}"] = float(loss_sum / count)
-        out[f"eval_acc_{name}"] = float(correct / count)
+    for split in config.data.eval_splits:
+        metrics = evaluator.evaluate(params, split, 0 if final else config.eval_steps)
+        if final:
+            evaluator.write(split, step, metrics)
+        out.update(_scalars(metrics, split))
     return out
 
 
@@ -108,21 +133,53 @@ def _mean_metrics(window: list[dict]) -> dict:
     return {k: float(np.mean([m[k] for m in window])) for k in window[0]}
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Runs (or resumes) pretraining to config.total_steps; returns the last logged metrics."""
+def _run_context(config, workdir):
     if config.on_nonfinite not in NONFINITE_POLICIES:
         raise ValueError(f"config.on_nonfinite={config.on_nonfinite!r}; choose from "
                          f"{NONFINITE_POLICIES}")
+    get_task(config)  # config.task and config.losses agree
     os.makedirs(workdir, exist_ok=True)
-    write_config(config, workdir)
-    mesh = mesh_lib.make_mesh(config.mesh)
-    rules = DEFAULT_RULES
+    return mesh_lib.make_mesh(config.mesh), DEFAULT_RULES
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Runs (or resumes) training to config.total_steps; returns the last logged metrics."""
+    mesh, rules = _run_context(config, workdir)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        config = resolve_total_steps(config)
+        write_config(config, workdir)
         return _train(config, workdir, mesh, rules)
 
 
+def evaluate_only(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """`--mode=eval`: the newest checkpoint in DIR (else config.init_from) on every eval
+    split; writes DIR/eval_<split>.json and returns {split: metrics}."""
+    mesh, rules = _run_context(config, workdir)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        config = copy.deepcopy(config)
+        config.total_steps = max(config.total_steps, 1)  # the optimizer is built, not used
+        model, _, abstract_state, init = create_train_state(config, mesh, rules)
+        checkpoints = Checkpoints(workdir, keep=config.keep_checkpoints)
+        try:
+            if checkpoints.latest_step() is None and not config.init_from:
+                raise ValueError(f"nothing to evaluate: {checkpoints.directory} holds no "
+                                 "checkpoint and config.init_from is empty")
+            state = _initial_state(config, checkpoints, abstract_state, init, None)
+        finally:
+            checkpoints.close()
+        step = int(jax.device_get(state["step"]))
+        evaluator = Evaluator(config, model, mesh, workdir)
+        results = {}
+        for split in config.data.eval_splits:
+            results[split] = evaluator.evaluate(state["params"], split)
+            path = evaluator.write(split, step, results[split])
+            logging.info("%s: %s -> %s", split, results[split], path)
+        return results
+
+
 def _train(config, workdir, mesh, rules) -> dict:
-    data_iter = iter(pipeline.pretrain_data(config, config.data.train_split, train=True))
+    task = get_task(config)
+    data_iter = iter(pipeline.task_data(config, task.name, config.data.train_split, train=True))
     model, tx, abstract_state, init = create_train_state(config, mesh, rules)
     checkpoints = Checkpoints(workdir, keep=config.keep_checkpoints)
     state = _initial_state(config, checkpoints, abstract_state, init, data_iter)
@@ -132,18 +189,13 @@ def _train(config, workdir, mesh, rules) -> dict:
     train_step = jax.jit(make_train_step(config, model, tx),
                          in_shardings=(state_shardings, batch_sharding, replicated),
                          out_shardings=(state_shardings, replicated), donate_argnums=0)
-    eval_step = jax.jit(make_eval_step(config, model))
-    eval_data = (pipeline.pretrain_data(config, config.data.eval_split, train=False)
-                 if config.eval_every else None)  # opened once, iterated afresh each eval
+    evaluator = Evaluator(config, model, mesh, workdir)
 
     step = int(jax.device_get(state["step"]))
     base_rng = jax.device_get(state["rng"])  # a host copy: the state buffers are donated
     writer = MetricsWriter(workdir, total_steps=config.total_steps,
                            is_main_process=jax.process_index() == 0)
-    dataset_negatives = config.data.itm_negatives == "dataset"
-    step_flops = flops.pretrain_step_flops(
-        config.model, config.batch_size, image_encodes_per_example=2 if dataset_negatives else 1,
-        mlm_positions=config.model.max_text_len)
+    step_flops = flops.train_step_flops(config)
     peak = flops.peak_tflops(jax.devices()[0], jnp.dtype(config.model.dtype))
     preemption = _Preemption()
     window, pending, skipped, last = [], None, 0, {}
@@ -176,8 +228,10 @@ def _train(config, workdir, mesh, rules) -> dict:
                             mfu=flops.mfu(step_flops, seconds, jax.device_count(), peak))
                 writer.write(step, last)
                 window, window_start = [], time.perf_counter()
-            if config.eval_every and (step % config.eval_every == 0 or at_end):
-                writer.write(step, evaluate(config, eval_step, state["params"], mesh, eval_data))
+            if config.eval_every >= 0 and (at_end or (
+                    config.eval_every and step % config.eval_every == 0)):
+                writer.write(step, evaluate_splits(config, evaluator, state["params"], step,
+                                                   final=at_end))
                 window_start = time.perf_counter()  # examples/s counts training time only
             if step % config.checkpoint_every == 0 or at_end or preemption.requested:
                 checkpoints.save(step, state, data_iter, force=True)

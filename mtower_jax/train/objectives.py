@@ -30,9 +30,23 @@ from mtower_jax.data.masking import IGNORE
 LOSSES = ("mlm", "itm", "itc")
 
 
-def _select_images(image: dict, index: jax.Array) -> dict:
+def select_images(image: dict, index: jax.Array) -> dict:
     """The encoded images reordered along the batch: example b gets image index[b]."""
     return {"outputs": image["outputs"][:, index], "hidden_states": ()}
+
+
+def sample_negatives(rng: jax.Array, same_image: jax.Array, logits: jax.Array | None
+                     ) -> tuple[jax.Array, jax.Array]:
+    """One negative per row: index j != same image, drawn with probability
+    softmax(logits[b])_j (uniform when logits is None), by Gumbel-max.
+
+    same_image [B, B] bool; logits [B, B] or None. Returns (index [B] int32, has_negative
+    [B] bool: False where every example of the batch shows row b's image)."""
+    batch = same_image.shape[0]
+    scores = jnp.zeros((batch, batch), jnp.float32) if logits is None else logits
+    scores = jnp.where(same_image, -jnp.inf, scores.astype(jnp.float32))
+    negative = jnp.argmax(scores + jax.random.gumbel(rng, scores.shape), axis=-1)
+    return negative.astype(jnp.int32), ~jnp.all(same_image, axis=-1)
 
 
 def itm_negatives(rng: jax.Array, same_image: jax.Array, logits: jax.Array | None
@@ -46,18 +60,28 @@ def itm_negatives(rng: jax.Array, same_image: jax.Array, logits: jax.Array | Non
     """
     flip_rng, pick_rng = jax.random.split(rng)
     batch = same_image.shape[0]
-    scores = jnp.zeros((batch, batch), jnp.float32) if logits is None else logits
-    scores = jnp.where(same_image, -jnp.inf, scores.astype(jnp.float32))
-    # Gumbel-max draws one index per row with probability softmax(scores).
-    gumbel = jax.random.gumbel(pick_rng, scores.shape)
-    negative = jnp.argmax(scores + gumbel, axis=-1)
-    has_negative = ~jnp.all(same_image, axis=-1)
+    negative, has_negative = sample_negatives(pick_rng, same_image, logits)
     matched = (jax.random.uniform(flip_rng, (batch,)) < 0.5) | ~has_negative
     index = jnp.where(matched, jnp.arange(batch), negative)
     return index.astype(jnp.int32), matched.astype(jnp.int32)
 
 
-def _cross_entropy_sum(logits: jax.Array, labels: jax.Array, valid: jax.Array):
+def example_weights(batch: dict) -> jax.Array:
+    """[B] bool: the real examples (evaluation pads its last batch; `valid` marks them)."""
+    if "valid" in batch:
+        return batch["valid"] > 0
+    return jnp.ones(batch["input_ids"].shape[:1], bool)
+
+
+def itc_terms(similarity: jax.Array, valid: jax.Array) -> tuple:
+    """Symmetric InfoNCE over the batch, [B, B] similarity / temperature -> (sum, count,
+    correct), each example's term the mean of its text->image and image->text CE."""
+    targets = jnp.arange(similarity.shape[0])
+    t2i, i2t = (cross_entropy_sum(s, targets, valid) for s in (similarity, similarity.T))
+    return (t2i[0] + i2t[0]) / 2, t2i[1], (t2i[2] + i2t[2]) / 2
+
+
+def cross_entropy_sum(logits: jax.Array, labels: jax.Array, valid: jax.Array):
     """(sum of CE over valid positions, #valid, #correct) in float32."""
     logits = logits.astype(jnp.float32)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(valid, labels, 0))
@@ -66,31 +90,36 @@ def _cross_entropy_sum(logits: jax.Array, labels: jax.Array, valid: jax.Array):
             jnp.sum(correct).astype(jnp.float32))
 
 
-def pretrain_forward(model, batch: dict, *, losses: tuple[str, ...], train: bool) -> dict:
+def itc_similarity(model, text: dict, image: dict, train: bool) -> jax.Array:
+    """[B_text, B_image] ITC logits: normalised projections of the top uni-modal [CLS]
+    tokens, dotted, over the learned temperature."""
+    itc = model.head("itc")({"unimodal_text_feats": text["hidden_states"][-1],
+                             "unimodal_image_feats": image["outputs"][-1]}, train)
+    return itc["itc_text_embeds"] @ itc["itc_image_embeds"].T / itc["itc_temperature"]
+
+
+def pretrain_forward(model, batch: dict, *, losses: tuple[str, ...], train: bool
+                     ) -> tuple[dict, dict]:
     """`model.apply(variables, batch, losses=..., train=..., method=pretrain_forward,
-    rngs={'dropout': r1, 'negatives': r2})` -> {name: (loss_sum, count, correct)}.
+    rngs={'dropout': r1, 'negatives': r2})` -> ({name: (loss_sum, count, correct)}, {}).
 
     batch: pixel_values [B, S, S, 3], input_ids / attention_mask / mlm_input_ids /
-    mlm_labels [B, L], record_index [B]; with dataset negatives itm_pixel_values, itm_labels.
+    mlm_labels [B, L], record_index [B]; with dataset negatives itm_pixel_values, itm_labels;
+    in evaluation `valid` [B] (padding rows count nowhere).
     """
-    bb, mask = model.backbone, batch["attention_mask"]
+    bb, mask, valid = model.backbone, batch["attention_mask"], example_weights(batch)
     image = bb.encode_image(batch["pixel_values"], train)
     out = {}
     if "mlm" in losses:
         fused = bb.fuse(bb.encode_text(batch["mlm_input_ids"], mask, train), mask, image, train)
         labels = batch["mlm_labels"]
         logits = model.head("mlm")(fused, train)["mlm_logits"]
-        out["mlm"] = _cross_entropy_sum(logits, labels, labels != IGNORE)
+        out["mlm"] = cross_entropy_sum(logits, labels, (labels != IGNORE) & valid[:, None])
     text = bb.encode_text(batch["input_ids"], mask, train)
     similarity = None
     if "itc" in losses:
-        itc = model.head("itc")({"unimodal_text_feats": text["hidden_states"][-1],
-                                 "unimodal_image_feats": image["outputs"][-1]}, train)
-        similarity = itc["itc_text_embeds"] @ itc["itc_image_embeds"].T / itc["itc_temperature"]
-        targets = jnp.arange(similarity.shape[0])
-        everyone = jnp.ones_like(targets, bool)
-        t2i, i2t = (_cross_entropy_sum(s, targets, everyone) for s in (similarity, similarity.T))
-        out["itc"] = ((t2i[0] + i2t[0]) / 2, t2i[1], (t2i[2] + i2t[2]) / 2)
+        similarity = itc_similarity(model, text, image, train)
+        out["itc"] = itc_terms(similarity, valid)
     if "itm" in losses:
         if "itm_pixel_values" in batch:  # false images drawn from the dataset by the pipeline
             itm_image = bb.encode_image(batch["itm_pixel_values"], train)
@@ -100,8 +129,8 @@ def pretrain_forward(model, batch: dict, *, losses: tuple[str, ...], train: bool
             index, itm_labels = itm_negatives(
                 model.make_rng("negatives"), record[:, None] == record[None, :],
                 None if similarity is None else jax.lax.stop_gradient(similarity))
-            itm_image = _select_images(image, index)
+            itm_image = select_images(image, index)
         fused = bb.fuse(text, mask, itm_image, train)
         logits = model.head("itm")(fused, train)["itm_logits"]
-        out["itm"] = _cross_entropy_sum(logits, itm_labels, jnp.ones_like(itm_labels, bool))
-    return out
+        out["itm"] = cross_entropy_sum(logits, itm_labels, valid)
+    return out, {}

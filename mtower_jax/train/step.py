@@ -1,4 +1,5 @@
-"""The pure pretraining step `(state, batch, rng) -> (state, metrics)` and its eval twin.
+"""The pure training step `(state, batch, rng) -> (state, metrics)` of any task
+(train/tasks: config.task picks the forward), and its eval twin.
 
 Gradient accumulation: the global batch is split into `grad_accum_steps` micro-batches
 (example i goes to micro-batch i mod k, so each stays spread over all devices); each
@@ -17,18 +18,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from mtower_jax.data.masking import IGNORE
-from mtower_jax.train.objectives import pretrain_forward
 from mtower_jax.train.optimizer import learning_rate_schedule
-
-
-def denominators(batch: dict, losses: tuple[str, ...]) -> dict:
-    """Full-batch counts each loss is averaged over."""
-    batch_size = jnp.float32(batch["input_ids"].shape[0])
-    counts = {"itm": batch_size, "itc": batch_size}
-    if "mlm" in losses:
-        counts["mlm"] = jnp.maximum(jnp.sum(batch["mlm_labels"] != IGNORE), 1).astype(jnp.float32)
-    return {k: counts[k] for k in losses}
+from mtower_jax.train.tasks import denominators, get_task
 
 
 def _micro_batches(batch: dict, k: int) -> dict:
@@ -50,21 +41,21 @@ def _metrics(terms: dict, counts: dict) -> dict:
 
 def make_train_step(config: ml_collections.ConfigDict, model, tx: optax.GradientTransformation
                     ) -> Callable:
-    losses, k = tuple(config.losses), int(config.grad_accum_steps)
+    task, losses, k = get_task(config), tuple(config.losses), int(config.grad_accum_steps)
     schedule = learning_rate_schedule(config.optimizer.lr, config.total_steps,
                                       config.optimizer.warmup_fraction)
 
     def micro_grads(params, micro: dict, rng: jax.Array, counts: dict):
         def loss_fn(p):
             dropout_rng, negatives_rng = jax.random.split(rng)
-            terms = model.apply({"params": p}, micro, losses=losses, train=True,
-                                method=pretrain_forward,
-                                rngs={"dropout": dropout_rng, "negatives": negatives_rng})
+            terms, _ = model.apply({"params": p}, micro, losses=losses, train=True,
+                                   method=task.forward,
+                                   rngs={"dropout": dropout_rng, "negatives": negatives_rng})
             return sum(terms[n][0] / counts[n] for n in losses), terms
         return jax.grad(loss_fn, has_aux=True)(params)
 
     def train_step(state: dict, batch: dict, rng: jax.Array) -> tuple[dict, dict]:
-        params, counts = state["params"], denominators(batch, losses)
+        params, counts = state["params"], denominators(batch, losses, task)
         if k == 1:
             grads, terms = micro_grads(params, batch, rng, counts)
         else:
@@ -92,11 +83,11 @@ def make_train_step(config: ml_collections.ConfigDict, model, tx: optax.Gradient
 
 
 def make_eval_step(config: ml_collections.ConfigDict, model) -> Callable:
-    """(params, batch, rng) -> summed terms {name: (loss_sum, count, correct)} for MLM/ITM
-    accuracy on a held-out split (the rng only draws the ITM negatives)."""
-    losses = tuple(config.losses)
+    """(params, batch, rng) -> (summed terms {name: (loss_sum, count, correct)}, per-example
+    predictions) on a held-out batch (the rng only draws pretraining's ITM negatives)."""
+    task, losses = get_task(config), tuple(config.losses)
 
-    def eval_step(params, batch: dict, rng: jax.Array) -> dict:
+    def eval_step(params, batch: dict, rng: jax.Array) -> tuple[dict, dict]:
         return model.apply({"params": params}, batch, losses=losses, train=False,
-                           method=pretrain_forward, rngs={"negatives": rng})
+                           method=task.forward, rngs={"negatives": rng})
     return eval_step
