@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import traverse_util
 
 from configs import irtr, nlvr2, snli_ve, vqav2
 from mtower_jax.models import build_model, random_inputs
@@ -140,10 +141,8 @@ def test_init_from_resizes_the_position_table_and_copies_the_image_token_type():
                                   source[init_from.VISION_POSITIONS][0])  # class row kept
     np.testing.assert_array_equal(adapted[init_from.TOKEN_TYPES][2],
                                   source[init_from.TOKEN_TYPES][1])
-    nested = lambda flat: {k: v for k, v in flat.items()}  # noqa: E731 (flat '/' keys)
-    from flax import traverse_util
-    params, report = init_from.merge_params(traverse_util.unflatten_dict(nested(fresh), sep="/"),
-                                            traverse_util.unflatten_dict(source, sep="/"), "src")
+    _, report = init_from.merge_params(traverse_util.unflatten_dict(fresh, sep="/"),
+                                       traverse_util.unflatten_dict(source, sep="/"), "src")
     assert report["fresh"] == ["vqa_head/out/bias"] and len(report["adapted"]) == 2
 
 

@@ -7,8 +7,8 @@
     5. summary      a table, and runs/demo/summary.json
 
 Each run is the real command line (`python -m mtower_jax.main ...`) in a subprocess; they
-share a persistent XLA compilation cache (runs/.xla_cache), so the second VQA run reuses the
-first one's compiled step. The majority baseline answers every question with the answer of
+share a persistent XLA compilation cache (runs/.xla_cache): the two VQA runs compile the
+same programs, and a later `make demo` finds all of them there. The majority baseline answers every question with the answer of
 highest total score in the train split, scored on val like the model.
 
     python -m mtower_jax.tools.demo --workdir=runs/demo [--pretrain_steps=N --vqa_steps=N]

@@ -60,6 +60,3 @@ def get_task(config) -> Task:
         raise ValueError(f"config.losses={tuple(config.losses)}: task {name!r} computes "
                          f"{task.losses}")
     return task
-
-
-
