@@ -14,6 +14,7 @@ from mtower_jax.config_args import parse_arg
 from mtower_jax.models import model_config
 from mtower_jax.models.config import SIZES
 from mtower_jax.models.towers import TOWERS
+from mtower_jax.train.mesh import mesh_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -35,6 +36,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         synthetic_seed=0,
         num_workers=0,  # grain worker processes
         max_skipped_fraction=0.01,  # bad records tolerated before the run fails
+        log_example_ids=False,  # DIR/example_ids/process_<i>.jsonl (train/example_log.py)
         itm_negatives="batch",  # 'batch': permute the encoded images; 'dataset': reference's
     ))
     config.task = "pretrain"
@@ -59,7 +61,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.eval_batch_size = 256 if paper else 32
     config.checkpoint_every = 5000 if paper else 100
     config.keep_checkpoints = 3
-    # Mesh axis sizes; -1 takes the remaining devices. Rules map logical axes to mesh axes.
-    config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    # Mesh axis sizes (train/mesh.py) and the rules mapping logical axes onto them
+    # (models/partitioning.py); docs/SCALING.md says which to pick.
+    config.mesh = mesh_config()  # data=-1 (all devices), fsdp=1, tensor=1, dcn_*=1
+    config.logical_axis_rules = "data"  # preset (data|fsdp|tensor|fsdp_tensor) or pairs
     config.lock()
     return config

@@ -6,6 +6,11 @@
         --config.init_from=runs/pretrain
     python -m mtower_jax.main --config=configs/vqav2.py:model=tiny --workdir=runs/vqa --mode=eval
 
+Multi-process (one process per host; train/distributed.py): pass
+`--coordinator_address=HOST:PORT --num_processes=N --process_id=I` to every process, or
+nothing on a TPU pod or inside a multi-task `srun` (found automatically). launch/ has the
+TPU-pod, GPU-node and SLURM launchers.
+
 `--mode=train` (default) trains, or resumes, to config.total_steps and evaluates at the end;
 `--mode=eval` evaluates the newest checkpoint in DIR (else config.init_from) on every split
 of config.data.eval_splits and writes DIR/eval_<split>.json.
@@ -20,13 +25,17 @@ import logging as std_logging
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mtower_jax.train import loop
+from mtower_jax.train import distributed, loop
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:args].",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, logs).")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "Train (and resume), or only "
                           "evaluate the newest checkpoint / config.init_from.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0's "
+                                   "coordinator service (multi-process runs).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0-based.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -42,6 +51,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     logging.set_verbosity(logging.INFO)
     logging.get_absl_handler().addFilter(_QuietLibraries())
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     if _MODE.value == "eval":
         loop.evaluate_only(_CONFIG.value, _WORKDIR.value)
     else:

@@ -32,6 +32,7 @@ from mtower_jax.data.synthetic import world
 from mtower_jax.models import model_config
 from mtower_jax.models.config import SIZES
 from mtower_jax.models.towers import TOWERS
+from mtower_jax.train.mesh import mesh_config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +114,7 @@ def finetune_config(task: str, arg: str | None, **extra_args) -> ml_collections.
         synthetic_train_images=0,  # images in the synthetic train split; 0: the default
         num_workers=0,
         max_skipped_fraction=0.01,
+        log_example_ids=False,  # DIR/example_ids/process_<i>.jsonl (train/example_log.py)
         augment=not synthetic,
         flip=recipe.flip,
     ))
@@ -146,6 +148,7 @@ def finetune_config(task: str, arg: str | None, **extra_args) -> ml_collections.
     config.eval_steps = 0  # batches per evaluation; 0 = the whole split
     config.checkpoint_every = 2000 if paper else 500
     config.keep_checkpoints = 2
-    config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    config.mesh = mesh_config()  # data=-1 (all devices), fsdp=1, tensor=1, dcn_*=1
+    config.logical_axis_rules = "data"  # preset (data|fsdp|tensor|fsdp_tensor) or pairs
     config.lock()
     return config

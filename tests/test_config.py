@@ -43,7 +43,9 @@ def test_pretrain_config_variants_are_valid(arg):
     for key in ("total_steps", "batch_size", "grad_accum_steps", "checkpoint_every",
                 "keep_checkpoints", "log_every", "eval_every", "seed", "init_from"):
         assert key in config
-    assert dict(config.mesh) == {"data": -1, "fsdp": 1, "tensor": 1}
+    assert dict(config.mesh) == {"data": -1, "fsdp": 1, "tensor": 1, "dcn_data": 1,
+                                 "dcn_fsdp": 1, "dcn_tensor": 1}
+    assert config.logical_axis_rules == "data"
 
 
 def test_small_is_the_benchmark_size():

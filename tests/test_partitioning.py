@@ -1,5 +1,6 @@
-"""Every parameter carries logical axis names from the one vocabulary, and the default rules
-leave everything replicated on one device."""
+"""Every parameter carries logical axis names from the one vocabulary, the default rules
+leave everything replicated on one device, the presets map names as documented, and the mesh
+sizes resolve (or fail) clearly."""
 from __future__ import annotations
 
 import flax.linen as nn
@@ -9,7 +10,9 @@ import pytest
 
 from conftest import random_variables, tiny_config
 from mtower_jax.models import build_model, example_inputs
-from mtower_jax.models.partitioning import DEFAULT_RULES, LOGICAL_AXES, PARAM_AXES
+from mtower_jax.models.partitioning import (DEFAULT_RULES, LOGICAL_AXES, PARAM_AXES,
+                                           resolve_rules)
+from mtower_jax.train import mesh as mesh_lib
 
 ALL_HEADS = ("mlm", "itm", "itc", "vqa", "snli_ve", "nlvr2")
 
@@ -76,3 +79,61 @@ def test_default_rules_replicate_on_one_device():
         assert lowered.as_text().count("sharding_constraint") >= 20
         constrained = lowered.compile()(variables)
     np.testing.assert_allclose(plain, constrained, rtol=1e-6)
+
+
+@pytest.mark.parametrize("preset, names, spec", [
+    ("fsdp", ("embed", "mlp"), ("fsdp", None)),
+    ("fsdp", ("mlp", "embed"), (None, "fsdp")),
+    ("fsdp", ("mlp",), ("fsdp",)),
+    ("fsdp", ("vocab",), (None,)),  # 50,265 rows do not split: the decoder bias stays whole
+    ("tensor", ("embed", "heads", "kv"), (None, "tensor", None)),
+    ("tensor", ("mlp", "embed"), ("tensor", None)),
+    ("fsdp_tensor", ("embed", "mlp"), ("fsdp", "tensor")),
+    ("fsdp_tensor", ("heads", "kv", "embed"), ("tensor", None, "fsdp")),
+    ("fsdp_tensor", ("mlp",), ("tensor",)),
+    ("data", ("embed", "mlp"), (None, None)),
+    ("fsdp_tensor", ("act_batch", "act_len", "act_mlp"), (("data", "fsdp"), None, "tensor")),
+])
+def test_presets_map_logical_names_to_mesh_axes(preset, names, spec):
+    rules = resolve_rules(preset)
+    assert {name for name, _ in rules} == set(LOGICAL_AXES)
+    assert tuple(nn.logical_to_mesh_axes(names, rules)) == spec
+
+
+def test_explicit_rules_are_completed_and_checked():
+    rules = resolve_rules([("embed", "fsdp"), ("act_batch", ["data", "fsdp"])])
+    assert rules[:2] == (("embed", "fsdp"), ("act_batch", ("data", "fsdp")))
+    assert dict(rules)["mlp"] is None and {n for n, _ in rules} == set(LOGICAL_AXES)
+    with pytest.raises(ValueError, match="'fsdb'") as e:
+        resolve_rules([("embedd", "fsdp"), ("mlp", "fsdb")])
+    assert "'embedd' is not a logical axis" in str(e.value)
+    with pytest.raises(ValueError, match="not a preset; choose from"):
+        resolve_rules("zero3")
+
+
+def test_mesh_shapes_with_dcn_and_clear_errors():
+    sizes = mesh_lib.mesh_config(data=-1, fsdp=4, dcn_data=2)
+    assert mesh_lib.mesh_shape(sizes, 16) == ((2, 4, 1), (2, 1, 1))
+    assert mesh_lib.mesh_shape(mesh_lib.mesh_config(), 8) == ((8, 1, 1), (1, 1, 1))
+    with pytest.raises(ValueError, match="12 devices do not split into 8 slices"):
+        mesh_lib.mesh_shape(mesh_lib.mesh_config(dcn_data=8), 12)
+    with pytest.raises(ValueError, match="needs 8 devices, 4 are available"):
+        mesh_lib.mesh_shape(mesh_lib.mesh_config(data=2, fsdp=4), 4)
+    with pytest.raises(ValueError, match="unknown mesh axes"):
+        mesh_lib.mesh_config(sequence=2)
+
+
+def test_dims_that_do_not_divide_are_listed():
+    """tensor=4 cannot split the tiny model's 2 heads: every such parameter is named."""
+    cfg = CONFIGS["manager-AAUE"]
+    specs = nn.get_partition_spec(boxed_params(cfg))
+    mesh = jax.sharding.AbstractMesh((1, 1, 4), ("data", "fsdp", "tensor"),
+                                     axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    shapes = nn.unbox(boxed_params(cfg))
+    abstract = jax.tree.map(
+        lambda s, spec: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=jax.sharding.NamedSharding(
+            mesh, nn.logical_to_mesh_axes(spec, resolve_rules("tensor")))), shapes, specs)
+    with pytest.raises(ValueError, match="do not split evenly") as e:
+        mesh_lib.check_divisible(abstract)
+    assert "['attention']['query']['kernel']" in str(e.value)
+    assert ": 2 is not divisible by 4" in str(e.value)

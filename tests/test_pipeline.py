@@ -85,6 +85,21 @@ def test_process_slices_are_disjoint_and_cover_each_epoch_once(data_dir):
     np.testing.assert_array_equal(two["mlm_input_ids"], single["mlm_input_ids"][1::2])
 
 
+def test_train_global_batch_is_the_same_whatever_the_process_count(data_dir):
+    config = config_for(data_dir)
+    config.batch_size = 8
+    single = take(iter(pipeline.pretrain_data(config, train=True)), 3)
+    parts = [take(iter(pipeline.pretrain_data(config, train=True, process_index=p,
+                                              process_count=2)), 3) for p in range(2)]
+    for step, whole in enumerate(single):
+        joined = {k: np.concatenate([parts[0][step][k], parts[1][step][k]]) for k in whole}
+        assert_batches_equal([joined], [whole])
+    # `start` (resuming on another process count) begins at that global position.
+    later = take(iter(pipeline.pretrain_data(config, train=True, start=16, process_index=1,
+                                             process_count=2)), 1)
+    assert_batches_equal(later, [parts[1][2]])
+
+
 @pytest.mark.parametrize("task", ["vqa", "nlvr2", "snli_ve", "retrieval"])
 def test_finetuning_tasks(data_dir, task):
     config = config_for(data_dir)

@@ -5,13 +5,19 @@
     load       fetch the record, decode + transform the image, tokenize, task features;
                randomness from grain's `random_map`, seeded by the global position, so an
                example gets the same masking / augmentation whatever the process count
-    shard      process p of P keeps global positions p, p + P, p + 2P, ... (disjoint; the P
-               slices together cover each epoch exactly once)
+    shard      train: of each global batch of B consecutive positions, process p of P keeps
+               rows [p B/P, (p+1) B/P), so the global batch (and its row order) is the same
+               whatever the process count; eval: positions p, p + P, p + 2P, ... (the
+               last, short batch then splits as evenly as it can). Disjoint either way: the
+               P slices together cover each epoch exactly once
     batch      per-process batch = global batch / P; `num_workers` > 0 runs load in
                grain worker processes (the caller's `__main__` needs the usual guard)
 
 The iterator is a `grain.DatasetIterator`: `get_state()` / `set_state()` capture and restore
 its position exactly, so a resumed run reads the batches an uninterrupted one would have.
+That state is per process; a run resumed on a different number of processes starts the
+train stream at global position `start` = steps x global batch instead (exact unless a bad
+record was skipped before the checkpoint).
 An example whose image fails to decode is skipped and counted (`BadRecords`): the run fails
 only when the skipped fraction passes `max_skipped_fraction`.
 """
@@ -95,18 +101,44 @@ def _random_image(index: SplitIndex, rng: np.random.Generator) -> bytes:
     return index.sources[int(index.source_of[i])][int(index.record_of[i])]["image"]
 
 
+class ProcessBlocks(grain.MapDataset):
+    """Rows [offset, offset + block) of every `stride` consecutive parent positions."""
+
+    _MUTATES_ELEMENT_SPEC = False
+
+    def __init__(self, parent: grain.MapDataset, *, block: int, stride: int, offset: int):
+        super().__init__(parent)
+        self._block, self._stride, self._offset = block, stride, offset
+
+    def __len__(self) -> int:
+        full, rest = divmod(len(self._parent), self._stride)
+        return full * self._block + min(max(rest - self._offset, 0), self._block)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        group, row = divmod(index, self._block)
+        return self._parent[group * self._stride + self._offset + row]
+
+    def __str__(self) -> str:
+        return f"ProcessBlocks(block={self._block}, stride={self._stride}, offset={self._offset})"
+
+
 def make_dataset(index: SplitIndex, spec: examples.TaskSpec, *, batch_size: int, seed: int,
                  train: bool, process_index: int = 0, process_count: int = 1,
-                 num_workers: int = 0, what: str = "data",
+                 num_workers: int = 0, what: str = "data", start: int = 0,
                  max_skipped_fraction: float = DEFAULT_MAX_SKIPPED_FRACTION) -> grain.IterDataset:
     """The grain graph described in the module docstring. `batch_size` is global.
 
-    train: shuffled, repeated forever, full batches only. Otherwise one pass in order, the
-    last batch may be short (evaluation must see every example).
+    train: shuffled, repeated forever, full batches only, from global position `start` (a
+    multiple of `batch_size`). Otherwise one pass in order, the last batch may be short
+    (evaluation must see every example).
     """
     if batch_size % process_count:
         raise ValueError(f"batch_size={batch_size} is not divisible by the "
                          f"{process_count} processes")
+    if start % batch_size:
+        raise ValueError(f"start={start} is not a multiple of batch_size={batch_size}")
     if spec.task == "pretrain" and spec.itm_negatives == "dataset":
         spec = dataclasses.replace(spec, random_image=functools.partial(_random_image, index))
     ds = grain.MapDataset.range(len(index))
@@ -115,7 +147,12 @@ def make_dataset(index: SplitIndex, spec: examples.TaskSpec, *, batch_size: int,
     # Map before slicing: grain seeds each example's Generator from its position in the
     # dataset, so it must be the global position, the same whatever the process count.
     ds = ds.random_map(LoadExample(index, spec, what, max_skipped_fraction), seed=seed)
-    ds = ds[process_index::process_count]
+    local = batch_size // process_count
+    if train:
+        ds = ProcessBlocks(ds[start:], block=local, stride=batch_size,
+                           offset=process_index * local)
+    else:
+        ds = ds[process_index::process_count]
     ds = ds.filter(lambda features: features is not None)
     it = ds.to_iter_dataset()
     if num_workers > 0:
@@ -124,7 +161,7 @@ def make_dataset(index: SplitIndex, spec: examples.TaskSpec, *, batch_size: int,
         # Workers take examples round-robin and grain re-interleaves them in order; batching
         # after that makes batches independent of the worker count.
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
-    it = it.batch(batch_size // process_count, drop_remainder=train)
+    it = it.batch(local, drop_remainder=train)
     return it
 
 
@@ -201,7 +238,7 @@ def answer_vocabulary(config: ml_collections.ConfigDict, split: str = "train") -
 
 def task_data(config: ml_collections.ConfigDict, task: str, split: str, *, train: bool,
               batch_size: int | None = None, process_index: int | None = None,
-              process_count: int | None = None,
+              process_count: int | None = None, start: int = 0,
               one_text_per_record: bool = False) -> grain.IterDataset:
     """The pipeline of `task` on `split` of every dataset in config.data.datasets.
 
@@ -210,6 +247,7 @@ def task_data(config: ml_collections.ConfigDict, task: str, split: str, *, train
     size, text length, VQA answers), config.seed, config.batch_size (global) and, for
     pretraining, config.mlm_probability. Process index / count default to JAX's.
     `one_text_per_record`: each record once, with its first text (an image gallery).
+    `start`: global train position to begin at (resuming on a different process count).
     """
     data, model = config.data, config.model
     image_size = model.vision.image_size
@@ -239,7 +277,7 @@ def task_data(config: ml_collections.ConfigDict, task: str, split: str, *, train
         seed=config.seed, train=train,
         process_index=jax.process_index() if process_index is None else process_index,
         process_count=jax.process_count() if process_count is None else process_count,
-        num_workers=data.num_workers, what=what,
+        num_workers=data.num_workers, what=what, start=start,
         max_skipped_fraction=data.get("max_skipped_fraction", DEFAULT_MAX_SKIPPED_FRACTION))
 
 

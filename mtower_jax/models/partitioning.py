@@ -11,9 +11,20 @@ Parameter axes
 Activation axes
   act_batch, act_len, act_embed, act_heads, act_kv, act_mlp
 
-The default rules below are pure data parallelism: only the batch is split, every parameter
-is replicated. On one device they leave everything replicated, which is the single-device
-behaviour; the scale-out presets (FSDP, tensor parallel) replace them.
+`config.logical_axis_rules` names a preset (or, in a config file, gives the pairs):
+
+  data         pure data parallelism: the batch is split over (data, fsdp), every parameter
+               is replicated (the default; on one device it leaves everything replicated)
+  fsdp         + ZeRO-3: every parameter with an `embed` (else `mlp`) dim is split over `fsdp`,
+               and with it its AdamW moments; XLA all-gathers weights before use and
+               reduce-scatters gradients
+  tensor       Megatron-style: attention heads and MLP / transform widths over `tensor`
+               (the activations' act_heads / act_mlp too), parameters otherwise replicated
+  fsdp_tensor  both
+
+Flax resolves a parameter's dims in rule order and uses each mesh axis once per array, so
+a [embed, mlp] kernel under fsdp_tensor becomes P('fsdp', 'tensor') and its [mlp] bias
+P('tensor'). Rules for a mesh axis of size 1 change nothing, so a preset works on any mesh.
 """
 from __future__ import annotations
 
@@ -27,10 +38,52 @@ PARAM_AXES = ("embed", "mlp", "heads", "kv", "vocab", "pos", "types", "layers", 
 ACTIVATION_AXES = ("act_batch", "act_len", "act_embed", "act_heads", "act_kv", "act_mlp")
 LOGICAL_AXES = PARAM_AXES + ACTIVATION_AXES
 
-# (logical name, mesh axes or None). Names missing from the rules stay replicated.
-DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
-    ("act_batch", ("data", "fsdp")),
-) + tuple((name, None) for name in LOGICAL_AXES if name != "act_batch")
+MESH_AXES = ("data", "fsdp", "tensor")
+Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
+
+
+def _complete(rules: Rules) -> Rules:
+    """`rules`, then (name, None) for every logical axis they leave out (replicated)."""
+    named = {name for name, _ in rules}
+    return tuple(rules) + tuple((name, None) for name in LOGICAL_AXES if name not in named)
+
+
+_BATCH = (("act_batch", ("data", "fsdp")),)
+_FSDP = (("embed", "fsdp"), ("mlp", "fsdp"))  # mlp: biases and [mlp] LayerNorm-free params
+_TENSOR = (("heads", "tensor"), ("mlp", "tensor"), ("act_heads", "tensor"),
+           ("act_mlp", "tensor"))
+
+# (logical name, mesh axes or None), first match per dim. Presets for config.logical_axis_rules.
+RULE_PRESETS: dict[str, Rules] = {
+    "data": _complete(_BATCH),
+    "fsdp": _complete(_BATCH + _FSDP),
+    "tensor": _complete(_BATCH + _TENSOR),
+    # tensor first: a [embed, mlp] kernel takes mlp -> tensor, then embed -> fsdp.
+    "fsdp_tensor": _complete(_BATCH + _TENSOR + _FSDP),
+}
+DEFAULT_RULES: Rules = RULE_PRESETS["data"]
+
+
+def resolve_rules(spec: str | Sequence[Sequence]) -> Rules:
+    """config.logical_axis_rules -> rules: a preset name, or explicit (logical, mesh axes)
+    pairs (completed with replication for the names they leave out)."""
+    if isinstance(spec, str):
+        if spec not in RULE_PRESETS:
+            raise ValueError(f"config.logical_axis_rules={spec!r} is not a preset; choose from "
+                             f"{tuple(RULE_PRESETS)} or give (logical, mesh axes) pairs")
+        return RULE_PRESETS[spec]
+    rules, errors = [], []
+    for pair in spec:
+        name, axes = tuple(pair)
+        mesh_axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+        if name not in LOGICAL_AXES:
+            errors.append(f"{name!r} is not a logical axis (vocabulary: {LOGICAL_AXES})")
+        errors += [f"{name!r} -> {a!r}: not a mesh axis {MESH_AXES}"
+                   for a in mesh_axes if a not in MESH_AXES]
+        rules.append((name, axes if axes is None or isinstance(axes, str) else tuple(axes)))
+    if errors:
+        raise ValueError("config.logical_axis_rules:\n  " + "\n  ".join(errors))
+    return _complete(tuple(rules))
 
 
 def logical(init: nn.initializers.Initializer,

@@ -2,6 +2,7 @@
 
     DIR/checkpoints/<step>/state   params, opt_state, step, rng   (StandardSave, sharded)
     DIR/checkpoints/<step>/data    grain iterator state, one JSON per process
+                                   (process_<i>-of-<n>.json)
 
 Saves are asynchronous: the arrays are copied off the devices, then written in the
 background while training goes on. Orbax writes into a temporary directory and renames it
@@ -15,6 +16,7 @@ import logging
 import os
 
 import grain
+import jax
 import orbax.checkpoint as ocp
 
 _TMP_MARKER = ".orbax-checkpoint-tmp"
@@ -60,6 +62,13 @@ class Checkpoints:
         if data_iterator is not None:
             args["data"] = grain.checkpoint.CheckpointSave(_IteratorSnapshot(data_iterator))
         return self.manager.save(step, args=ocp.args.Composite(**args), force=force)
+
+    def has_data_state(self, step: int) -> bool:
+        """Whether `step` holds this process's iterator state: grain writes one file per
+        process, named for the process count, so a checkpoint from a run on a different
+        number of processes has none to give."""
+        name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        return os.path.exists(os.path.join(self.directory, str(step), "data", name))
 
     def restore(self, step: int, abstract_state: dict, data_iterator) -> dict:
         """The state at `step` onto the shardings of `abstract_state`; the iterator is

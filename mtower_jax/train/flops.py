@@ -42,6 +42,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from mtower_jax.models.towers import num_uni_modal_inputs
 
@@ -258,19 +259,23 @@ def _dtype_name(dtype: Any) -> str:
 def measure_matmul_peak_tflops(dtype: Any = jnp.float32, *, size: int = 2048, repeats: int = 5,
                                device: jax.Device | None = None) -> float:
     """Median TFLOP/s of a jitted [size, size] @ [size, size] matmul (2 size^3 FLOPs) on
-    `device` (default: the first), after one warm-up call. An achievable peak: it includes
+    `device` (default: this process's first), after one warm-up call. An achievable peak: it includes
     dispatch, so keep size large enough (>= 1024) for the matmul to dominate."""
-    device = device or jax.devices()[0]
+    device = device or jax.local_devices()[0]
     dtype = jnp.dtype(_dtype_name(dtype))
-    keys = jax.random.split(jax.random.PRNGKey(0))
-    a, b = (jax.device_put(jax.random.normal(k, (size, size), dtype), device) for k in keys)
+    rng = np.random.default_rng(0)
+    a, b = (jax.device_put(rng.standard_normal((size, size), np.float32).astype(dtype), device)
+            for _ in range(2))
     matmul = jax.jit(jnp.matmul)
-    matmul(a, b).block_until_ready()
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+    # A mesh of this one device: inside a run's `jax.set_mesh`, jit would otherwise expect
+    # operands on all of the run's devices, most of them not this process's.
+    with jax.set_mesh(jax.sharding.Mesh(np.array([device]), ("device",))):
         matmul(a, b).block_until_ready()
-        seconds.append(time.perf_counter() - start)
+        seconds = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            matmul(a, b).block_until_ready()
+            seconds.append(time.perf_counter() - start)
     return 2.0 * size ** 3 / statistics.median(seconds) / 1e12
 
 
@@ -282,7 +287,7 @@ def _measured_peak(device: jax.Device, dtype_name: str) -> float:
 def peak_tflops(device: jax.Device | None = None, dtype: Any = jnp.bfloat16) -> float:
     """Peak dense TFLOP/s of one device for matmuls in `dtype`: the table entry of its
     device_kind, else a measurement (cached per device and dtype; takes a few seconds)."""
-    device = device or jax.devices()[0]
+    device = device or jax.local_devices()[0]
     name = _dtype_name(dtype)
     key = device_table_key(device.device_kind)
     return PEAK_TFLOPS[key][name] if key else _measured_peak(device, name)

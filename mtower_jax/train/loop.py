@@ -2,7 +2,8 @@
 
     config     config.task picks the forward (train/tasks); fine-tuning epochs become
                total_steps from the train split's size
-    mesh       from config.mesh (train/mesh.py)
+    mesh       from config.mesh (train/mesh.py), config.logical_axis_rules map the
+               parameters and activations onto it (models/partitioning.py)
     data       grain iterator of the train split (data/pipeline.py)
     state      resume from DIR/checkpoints, else init_from (heads fresh, position table
                and token types adapted: train/init_from.py), else fresh init
@@ -30,14 +31,15 @@ import ml_collections
 import numpy as np
 
 from mtower_jax.data import pipeline
-from mtower_jax.models.partitioning import DEFAULT_RULES
+from mtower_jax.models.partitioning import resolve_rules
 from mtower_jax.train import flops, mesh as mesh_lib
 from mtower_jax.train.checkpoints import Checkpoints
 from mtower_jax.train.evaluation import Evaluator
+from mtower_jax.train.example_log import ExampleLog
 from mtower_jax.train.init_from import load_init_params
 from mtower_jax.train.metrics import MetricsWriter
 from mtower_jax.train.state import create_train_state
-from mtower_jax.train.step import make_train_step
+from mtower_jax.train.step import jit_train_step
 from mtower_jax.train.tasks import get_task
 
 NONFINITE_POLICIES = ("skip", "stop")
@@ -139,7 +141,7 @@ def _run_context(config, workdir):
                          f"{NONFINITE_POLICIES}")
     get_task(config)  # config.task and config.losses agree
     os.makedirs(workdir, exist_ok=True)
-    return mesh_lib.make_mesh(config.mesh), DEFAULT_RULES
+    return mesh_lib.make_mesh(config.mesh), resolve_rules(config.logical_axis_rules)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -177,18 +179,33 @@ def evaluate_only(config: ml_collections.ConfigDict, workdir: str) -> dict:
         return results
 
 
+def _train_data(config, task, checkpoints: Checkpoints):
+    """(train iterator, whether the checkpoint restores its position). A checkpoint written
+    by a different number of processes has no iterator state for this one: every process
+    then starts at global position step x batch (the same global batches follow)."""
+    resume, start = checkpoints.latest_step(), 0
+    if resume is not None and not checkpoints.has_data_state(resume):
+        start = resume * config.batch_size
+        logging.warning("checkpoint %d holds no data position for process %d of %d (written "
+                        "by another process count): reading from global example %d", resume,
+                        jax.process_index(), jax.process_count(), start)
+    data = pipeline.task_data(config, task.name, config.data.train_split, train=True,
+                              start=start)
+    return iter(data), start == 0
+
+
 def _train(config, workdir, mesh, rules) -> dict:
     task = get_task(config)
-    data_iter = iter(pipeline.task_data(config, task.name, config.data.train_split, train=True))
     model, tx, abstract_state, init = create_train_state(config, mesh, rules)
+    warning = mesh_lib.report_replicated(abstract_state["params"], mesh)
+    if warning:
+        logging.warning(warning)
     checkpoints = Checkpoints(workdir, keep=config.keep_checkpoints)
-    state = _initial_state(config, checkpoints, abstract_state, init, data_iter)
-    state_shardings = jax.tree.map(lambda x: x.sharding, abstract_state)
-    batch_sharding = mesh_lib.batch_sharding(mesh)
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    train_step = jax.jit(make_train_step(config, model, tx),
-                         in_shardings=(state_shardings, batch_sharding, replicated),
-                         out_shardings=(state_shardings, replicated), donate_argnums=0)
+    data_iter, restore_position = _train_data(config, task, checkpoints)
+    state = _initial_state(config, checkpoints, abstract_state, init,
+                           data_iter if restore_position else None)
+    example_log = ExampleLog(workdir) if config.data.get("log_example_ids") else None
+    train_step = jit_train_step(config, model, tx, abstract_state, mesh)
     evaluator = Evaluator(config, model, mesh, workdir)
 
     step = int(jax.device_get(state["step"]))
@@ -196,7 +213,7 @@ def _train(config, workdir, mesh, rules) -> dict:
     writer = MetricsWriter(workdir, total_steps=config.total_steps,
                            is_main_process=jax.process_index() == 0)
     step_flops = flops.train_step_flops(config)
-    peak = flops.peak_tflops(jax.devices()[0], jnp.dtype(config.model.dtype))
+    peak = flops.peak_tflops(jax.local_devices()[0], jnp.dtype(config.model.dtype))
     preemption = _Preemption()
     window, pending, skipped, last = [], None, 0, {}
     window_start = time.perf_counter()
@@ -210,7 +227,10 @@ def _train(config, workdir, mesh, rules) -> dict:
 
     try:
         while step < config.total_steps:
-            batch = mesh_lib.global_batch(next(data_iter), mesh)
+            local_batch = next(data_iter)
+            if example_log:
+                example_log.write(step + 1, local_batch)
+            batch = mesh_lib.global_batch(local_batch, mesh)
             state, metrics = train_step(state, batch, jax.random.fold_in(base_rng, step))
             step += 1
             if pending is not None:
@@ -245,4 +265,6 @@ def _train(config, workdir, mesh, rules) -> dict:
         checkpoints.close()
         writer.close()
         preemption.restore()
+        if example_log:
+            example_log.close()
     return last

@@ -18,6 +18,7 @@ import ml_collections
 
 from mtower_jax.models import build_model, example_inputs
 from mtower_jax.models.partitioning import DEFAULT_RULES
+from mtower_jax.train.mesh import check_divisible
 from mtower_jax.train.optimizer import make_optimizer
 
 
@@ -66,4 +67,5 @@ def create_train_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mes
         jax.tree.map(lambda x: x.value if isinstance(x, nn.Partitioned) else x, abstract,
                      is_leaf=lambda x: isinstance(x, nn.Partitioned)),
         shardings)  # (nn.unbox would apply sharding constraints, outside jit)
+    check_divisible(abstract_state)
     return model, tx, abstract_state, init

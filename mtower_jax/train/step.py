@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from mtower_jax.train.mesh import batch_sharding
 from mtower_jax.train.optimizer import learning_rate_schedule
 from mtower_jax.train.tasks import denominators, get_task
 
@@ -80,6 +81,18 @@ def make_train_step(config: ml_collections.ConfigDict, model, tx: optax.Gradient
         return {**state, **kept, "step": state["step"] + 1}, metrics
 
     return train_step
+
+
+def jit_train_step(config: ml_collections.ConfigDict, model, tx: optax.GradientTransformation,
+                   abstract_state: dict, mesh: jax.sharding.Mesh):
+    """jit(train_step) with the state's shardings (`abstract_state`, from
+    create_train_state), the batch split along its first dim, the rng and metrics
+    replicated, and the old state's buffers donated to the new one."""
+    state_shardings = jax.tree.map(lambda x: x.sharding, abstract_state)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return jax.jit(make_train_step(config, model, tx),
+                   in_shardings=(state_shardings, batch_sharding(mesh), replicated),
+                   out_shardings=(state_shardings, replicated), donate_argnums=0)
 
 
 def make_eval_step(config: ml_collections.ConfigDict, model) -> Callable:

@@ -25,6 +25,7 @@ it. Nothing is downloaded.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import os
 import re
@@ -184,18 +185,24 @@ def ensure_built(task: str, data_dir: str, image_size: int = 64, seed: int = 0,
                  split_sizes: dict[str, int] | None = None) -> SyntheticShapes:
     """The built dataset of `task`: generated into data_dir on first use, opened afterwards.
 
-    Also writes the text index of every split and, for vqa, `answers.json`."""
-    builder = SyntheticShapes(config=config_name(task, image_size, seed, split_sizes),
-                              data_dir=os.path.expanduser(data_dir))
-    if not builder.is_prepared():
-        with warnings.catch_warnings():  # tfds warns about its own deprecations
-            warnings.simplefilter("ignore")
-            builder.download_and_prepare()
-    for split in builder.splits:
-        records.text_index(builder, split)  # written on first use
-    answers_path = os.path.join(builder.data_dir, vqav2.ANSWERS_FILE)
-    if task == "vqa" and not os.path.exists(answers_path):
-        with open(answers_path + ".tmp", "w") as f:
-            json.dump(list(world.ANSWERS), f)
-        os.replace(answers_path + ".tmp", answers_path)  # readers never see half a file
+    Also writes the text index of every split and, for vqa, `answers.json`. Processes
+    sharing data_dir (a multi-process run, parallel tests) take turns: the first builds,
+    the others wait on a file lock and then open what it built."""
+    data_dir = os.path.expanduser(data_dir)
+    os.makedirs(data_dir, exist_ok=True)
+    with open(os.path.join(data_dir, ".synthetic_shapes.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        builder = SyntheticShapes(config=config_name(task, image_size, seed, split_sizes),
+                                  data_dir=data_dir)
+        if not builder.is_prepared():
+            with warnings.catch_warnings():  # tfds warns about its own deprecations
+                warnings.simplefilter("ignore")
+                builder.download_and_prepare()
+        for split in builder.splits:
+            records.text_index(builder, split)  # written on first use
+        answers_path = os.path.join(builder.data_dir, vqav2.ANSWERS_FILE)
+        if task == "vqa" and not os.path.exists(answers_path):
+            with open(answers_path + ".tmp", "w") as f:
+                json.dump(list(world.ANSWERS), f)
+            os.replace(answers_path + ".tmp", answers_path)  # readers never see half a file
     return builder
