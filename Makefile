@@ -15,7 +15,12 @@ $(VENV)/.runtime-installed: requirements.txt | $(PY)
 	$(PIP) install -q -r requirements.txt
 	touch $@
 
-$(VENV)/.test-installed: requirements-test.txt $(VENV)/.runtime-installed
+# libtpu (~200 MB): the TPU compiler tools/aot.py and tests/test_aot.py use on any machine.
+$(VENV)/.tpu-installed: requirements-tpu.txt $(VENV)/.runtime-installed
+	$(PIP) install -q -r requirements-tpu.txt
+	touch $@
+
+$(VENV)/.test-installed: requirements-test.txt $(VENV)/.runtime-installed $(VENV)/.tpu-installed
 	$(PIP) install -q -r requirements-test.txt
 	touch $@
 
@@ -30,8 +35,9 @@ demo: $(VENV)/.runtime-installed
 	rm -rf $(DEMO_DIR)
 	$(PY) -m mtower_jax.tools.demo --workdir=$(DEMO_DIR)
 
+# Two workers, a file each (module fixtures stay shared): XLA's compiles use one core.
 test: $(VENV)/.test-installed
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 clean-venv:
 	rm -rf $(VENV)

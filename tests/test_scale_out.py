@@ -166,3 +166,19 @@ def test_two_processes_match_one_and_checkpoints_cross_process_counts(env, mesh_
         assert_close(losses(resumed), reference, steps=[4, 5])
         assert [set().union(*examples_by_step(resumed)[s]) for s in (4, 5)] == [
             read_one[4][0], read_one[5][0]]
+
+
+def test_process_start_up_choices(monkeypatch):
+    from mtower_jax.train import distributed
+    with pytest.raises(ValueError, match="also pass --coordinator_address, --process_id"):
+        distributed.initialize(num_processes=2)
+    with pytest.raises(ValueError, match=r"--process_id=2 must be in \[0, 2\)"):
+        distributed.initialize("127.0.0.1:1234", 2, 2)
+    for name in ("SLURM_STEP_NODELIST", "SLURM_NTASKS"):
+        monkeypatch.delenv(name, raising=False)
+    assert distributed.initialize() == "single"  # this machine: no TPU, no srun
+    monkeypatch.setenv("SLURM_STEP_NODELIST", "node[1-2]")
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    assert not distributed._in_slurm_step()  # one task: a plain single-process job
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    assert distributed._in_slurm_step()

@@ -15,6 +15,8 @@ It returns a flat dict of numpy arrays:
                  split (added by the pipeline; retrieval evaluation ranks by them)
 
 Images that fail to decode raise; the pipeline counts and skips that example.
+`batch_spec` gives the same table for a batch without reading any data (ahead-of-time
+compilation, tools/aot.py).
 """
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ import functools
 import re
 from typing import TYPE_CHECKING, Callable
 
+import jax
+import ml_collections
 import numpy as np
 
 from mtower_jax.data import image_transforms, masking
@@ -137,3 +141,41 @@ def retrieval_example(record: dict, text_idx: int, rng: np.random.Generator,
 
 EXAMPLE_FNS = dict(pretrain=pretrain_example, vqa=vqa_example, nlvr2=classification_example,
                    snli_ve=classification_example, retrieval=retrieval_example)
+
+
+def feature_spec(task: str, *, image_size: int, max_text_len: int, itm_negatives: str = "batch",
+                 num_answers: int = 0) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """{feature: (per-example shape, numpy dtype)} of what the pipeline yields for `task`
+    (the table in the module docstring, record_index / text_index included)."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; tasks: {TASKS}")
+    f32, i32 = np.dtype(np.float32), np.dtype(np.int32)
+    pixels, text, scalar = ((image_size, image_size, 3), f32), ((max_text_len,), i32), ((), i32)
+    spec = dict(pixel_values=pixels, input_ids=text, attention_mask=text)
+    if task == "pretrain":
+        spec.update(mlm_input_ids=text, mlm_labels=text)
+        if itm_negatives == "dataset":
+            spec.update(itm_pixel_values=pixels, itm_labels=scalar)
+    elif task == "vqa":
+        spec.update(vqa_targets=((num_answers,), f32), question_id=((), np.dtype(np.int64)))
+    elif task in ("nlvr2", "snli_ve"):
+        if task == "nlvr2":
+            spec["pixel_values_2"] = pixels
+        spec["labels"] = scalar
+    spec.update(record_index=scalar, text_index=scalar)
+    return spec
+
+
+def batch_spec(config: ml_collections.ConfigDict, batch_size: int,
+               sharding: jax.sharding.Sharding | None = None) -> dict[str, jax.ShapeDtypeStruct]:
+    """The training batch of config.task as ShapeDtypeStructs: [batch_size, *feature shape]
+    for every feature `task_data(config, config.task, split, train=True)` yields, with the
+    pipeline's dtypes (question_id is int64 on the host; jax makes it int32 on device unless
+    x64 is enabled). `sharding` (e.g. mesh.batch_sharding) is attached to every leaf."""
+    data, model = config.data, config.model
+    spec = feature_spec(config.get("task", "pretrain"), image_size=model.vision.image_size,
+                        max_text_len=model.max_text_len,
+                        itm_negatives=data.get("itm_negatives", "batch"),
+                        num_answers=model.vqa_num_answers)
+    return {name: jax.ShapeDtypeStruct((batch_size, *shape), dtype, sharding=sharding)
+            for name, (shape, dtype) in spec.items()}

@@ -4,7 +4,8 @@
                total_steps from the train split's size
     mesh       from config.mesh (train/mesh.py), config.logical_axis_rules map the
                parameters and activations onto it (models/partitioning.py)
-    data       grain iterator of the train split (data/pipeline.py)
+    data       grain iterator of this process's rows of the train split (data/pipeline.py);
+               a checkpoint from another process count resumes at step x batch
     state      resume from DIR/checkpoints, else init_from (heads fresh, position table
                and token types adapted: train/init_from.py), else fresh init
     step       jit(train_step) with explicit shardings, the state donated
