@@ -365,6 +365,12 @@ def main(argv: list[str], cli: dict) -> None:
             raise
         print(out_of_memory_message(config, topology, num_slices, devices, e), file=sys.stderr)
         sys.exit(2)
+    memory = result.compiled.memory_analysis()
+    # Printed now: cost_analysis and as_text read the whole compiled program back (minutes
+    # and several GB for base / large), so these are the numbers to have if that fails.
+    print(f"compiled in {result.seconds:.0f} s; per device: arguments "
+          f"{_gib(memory.argument_size_in_bytes)}, temporaries {_gib(memory.temp_size_in_bytes)}",
+          flush=True)
     r = report(config, topology, num_slices, result)
     print(format_report(r))
     print(json.dumps(r), flush=True)
