@@ -56,10 +56,11 @@ def parse_mesh(spec: str, default_rules) -> tuple[dict, object]:
     return sizes, rules or default_rules
 
 
-def losses_on_mesh(config, sizes: dict, rules_spec, batches: list[dict], params
-                   ) -> tuple[dict, float]:
-    """({metric name: [per-step values]} of training from `params` on this mesh, the
-    fraction of parameter bytes every device holds whole)."""
+def losses_on_mesh(config, sizes: dict, rules_spec, batches: list[dict], params=None
+                   ) -> tuple[dict, float, dict]:
+    """Trains on this mesh from `params` (None: the config's random initialisation). Returns
+    ({metric name: [per-step values]}, the fraction of parameter bytes every device holds
+    whole, the starting params on the host)."""
     count = int(np.prod(list(sizes.values())))
     if count > jax.device_count():
         raise ValueError(f"mesh {sizes} needs {count} devices; {jax.device_count()} exist (on "
@@ -69,15 +70,17 @@ def losses_on_mesh(config, sizes: dict, rules_spec, batches: list[dict], params
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         model, tx, abstract_state, init = create_train_state(config, mesh, rules)
         state = init(params)
+        start = jax.device_get(state["params"])  # before the step donates the buffers
         train_step = jit_train_step(config, model, tx, abstract_state, mesh)
         base_rng, history = jax.device_get(state["rng"]), []
         for i, batch in enumerate(batches):  # the step rngs of train/loop.py
             state, metrics = train_step(state, mesh_lib.global_batch(batch, mesh),
                                         jax.random.fold_in(base_rng, i))
-            history.append(jax.device_get(metrics))
+            history.append(metrics)
+    history = jax.device_get(history)  # one fetch: the steps run back to back
     losses = {k: [float(m[k]) for m in history] for k in history[0]
               if k == "loss" or k.startswith("loss_")}
-    return losses, mesh_lib.replicated_parameters(abstract_state["params"])[0]
+    return losses, mesh_lib.replicated_parameters(abstract_state["params"])[0], start
 
 
 def max_relative_difference(a: dict, b: dict) -> float:
@@ -96,13 +99,8 @@ def check(config, meshes: list[str], steps: int) -> list[dict]:
     params, rows = None, []
     for spec in meshes:
         sizes, rules = parse_mesh(spec, config.logical_axis_rules)
-        if params is None:  # the same start everywhere: the first mesh's initialisation
-            mesh = mesh_lib.make_mesh(mesh_lib.mesh_config(**sizes),
-                                      jax.devices()[:int(np.prod(list(sizes.values())))])
-            with jax.set_mesh(mesh), nn.logical_axis_rules(resolve_rules(rules)):
-                params = jax.device_get(create_train_state(
-                    config, mesh, resolve_rules(rules))[3]()["params"])
-        losses, replicated = losses_on_mesh(config, sizes, rules, batches, params)
+        # The same start everywhere: the first mesh's initialisation.
+        losses, replicated, params = losses_on_mesh(config, sizes, rules, batches, params)
         reference = rows[0]["losses"] if rows else losses
         rows.append(dict(mesh=sizes, rules=rules, losses=losses, replicated=replicated,
                          max_rel_diff=max_relative_difference(losses, reference)))
