@@ -42,6 +42,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.task = "pretrain"
     config.losses = ("mlm", "itm")
     config.mlm_probability = 0.15
+    # Masked tokens per text, at most (data/masking.py): the MLM head decodes only these.
+    # 0 = auto, ceil(2 x 0.15 x max_text_len); -1 = no cap, decode every position.
+    config.mlm_max_predictions = 0
 
     # Recipe: 100k steps at batch 4096 for the paper's models; a few hundred for tiny.
     config.total_steps = 100_000 if paper else 300

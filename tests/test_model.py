@@ -215,3 +215,30 @@ def test_image_size_mismatch_is_a_clear_error():
     inputs["pixel_values"] = np.zeros((2, 48, 48, 3), np.float32)
     with pytest.raises(ValueError, match="image_size 32"):
         jax.eval_shape(lambda r: model.init(r, **inputs), jax.random.PRNGKey(0))
+
+
+def test_dropout_keeps_a_fraction_q_and_preserves_the_mean():
+    from mtower_jax.models.layers import Dropout
+    x = jnp.ones((3, 1001, 77))  # an odd size: the last 16-bit half-word is dropped
+    layer = Dropout(0.1)
+    y = np.asarray(layer.apply({}, x, rngs={"dropout": jax.random.PRNGKey(0)}))
+    q = round(0.9 * 2**16) / 2**16
+    kept = y != 0
+    assert abs(kept.mean() - q) < 0.002
+    np.testing.assert_allclose(y[kept], 1 / q, rtol=1e-6)  # the mean is exactly preserved
+    again = layer.apply({}, x, rngs={"dropout": jax.random.PRNGKey(0)})
+    other = layer.apply({}, x, rngs={"dropout": jax.random.PRNGKey(1)})
+    assert np.array_equal(y, again) and not np.array_equal(y, other)
+    assert np.array_equal(layer.apply({}, x, deterministic=True), x)
+    # Neighbouring elements (the two halves of one random word) are independent.
+    pairs = kept.reshape(-1)[: (kept.size // 2) * 2].reshape(-1, 2)
+    assert abs((pairs[:, 0] & pairs[:, 1]).mean() - q * q) < 0.002
+
+
+def test_sampled_normals_match_the_standard_normal():
+    from mtower_jax.models import sampling
+    z = np.asarray(sampling.standard_normal(jax.random.PRNGKey(0), (1000, 999)))
+    assert z.dtype == np.float32 and abs(z.mean()) < 0.003 and abs(z.std() - 1) < 0.003
+    for q, expected in ((0.025, -1.95996), (0.5, 0.0), (0.9, 1.28155)):
+        assert abs(np.quantile(z, q) - expected) < 0.01
+    assert np.abs(z).max() < 4.34  # the grid's outermost points, +-Phi^-1(2^-17)

@@ -1,5 +1,6 @@
 """Grain pipelines over the synthetic world: features per task, determinism, exact resume,
 disjoint per-process slices, bad images skipped and counted, clear errors for missing data."""
+import math
 
 import numpy as np
 import pytest
@@ -50,6 +51,10 @@ def test_pretrain_batches_follow_the_model_contract(data_dir):
     assert masked.any()
     np.testing.assert_array_equal(batch["mlm_labels"][masked], batch["input_ids"][masked])
     assert not masked[batch["attention_mask"] == 0].any()
+    k = math.ceil(2 * 0.15 * length)  # the auto cap
+    assert batch["mlm_positions"].shape == (8, k) and batch["mlm_positions"].dtype == np.int32
+    gathered = np.take_along_axis(batch["mlm_labels"], batch["mlm_positions"], -1)
+    assert (gathered != IGNORE).sum() == masked.sum()  # every masked token is listed
 
 
 def test_order_is_deterministic_and_resumes_exactly(data_dir):

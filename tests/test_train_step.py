@@ -9,6 +9,7 @@ from flax import traverse_util
 from conftest import random_variables, tiny_config
 from configs.pretrain import get_config
 from mtower_jax.data.masking import IGNORE
+from mtower_jax.models import build_model
 from mtower_jax.models.inputs import random_inputs
 from mtower_jax.models.partitioning import DEFAULT_RULES
 from mtower_jax.train import mesh as mesh_lib
@@ -158,6 +159,27 @@ def test_nonfinite_batch_skips_the_update_exactly(overfit_setup):
                         before["opt_state"])
     assert all(jax.tree.leaves(same))
     assert int(after["step"]) == int(before["step"]) + 1
+
+
+def test_mlm_at_the_listed_positions_equals_decoding_every_position():
+    from mtower_jax.data.masking import selected_positions
+    from mtower_jax.train.objectives import pretrain_forward
+    config = small_config()
+    batch = make_batch(config.model, seed=2)
+    k = int((batch["mlm_labels"] != IGNORE).sum(-1).max())
+    variables = random_variables(config.model, seed=3)
+    model = build_model(config.model)
+
+    @jax.jit
+    def mlm_terms(batch):
+        terms, _ = model.apply(variables, batch, losses=("mlm",), train=False,
+                               method=pretrain_forward)
+        return terms["mlm"]
+
+    full = mlm_terms(batch)
+    listed = mlm_terms(dict(batch, mlm_positions=selected_positions(batch["mlm_labels"], k)))
+    assert k < config.model.max_text_len and float(full[1]) == float(listed[1]) > 0
+    np.testing.assert_allclose(np.asarray(listed), np.asarray(full), rtol=1e-5)
 
 
 def test_nonfinite_policy_skip_counts_and_stop_names_the_step():

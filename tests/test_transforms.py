@@ -105,3 +105,37 @@ def test_mlm_masking_statistics_follow_bert():
     assert abs(randomised.sum() / n - 0.1) < 0.01
     assert not np.isin(masked[randomised], [0, 1, 2, 3, mask_id]).any()
     assert masked.dtype == labels.dtype == np.int32
+
+
+def test_mlm_cap_keeps_at_most_k_and_lists_their_positions():
+    rng = np.random.default_rng(0)
+    ids = rng.integers(5, 100, size=(4000, 40))
+    special = np.zeros(ids.shape, bool)
+    special[:, 0] = special[:, -1] = True
+    kw = dict(mask_id=4, ordinary_ids=np.arange(5, 100), probability=0.3)
+    uncapped = masking.mask_tokens(ids, special, rng=np.random.default_rng(1), **kw)
+    k = masking.max_predictions(0, 0.3, 40)
+    assert k == 24 and masking.max_predictions(-1, 0.3, 40) is None
+    assert masking.max_predictions(50, 0.3, 40) == 40
+    with pytest.raises(ValueError, match="mlm_max_predictions=-2"):
+        masking.max_predictions(-2, 0.3, 40)
+    # The auto cap binds on no row here: the draws (and so the result) are the uncapped ones.
+    capped = masking.mask_tokens(ids, special, rng=np.random.default_rng(1), max_predictions=k,
+                                 **kw)
+    for a, b in zip(uncapped, capped):
+        np.testing.assert_array_equal(a, b)
+    # A binding cap: at most 8 per row, drawn among that row's uncapped selections.
+    masked, labels = masking.mask_tokens(ids, special, rng=np.random.default_rng(1),
+                                         max_predictions=8, **kw)
+    selected, before = labels != masking.IGNORE, uncapped[1] != masking.IGNORE
+    assert selected.sum(-1).max() == 8 and not (selected & ~before).any()
+    np.testing.assert_array_equal(masked[~selected], ids[~selected])  # unselected: untouched
+    kept = selected.sum(-1) < before.sum(-1)  # truncated rows keep uniformly drawn positions
+    first_half = selected[kept][:, 1:20].sum() / selected[kept].sum()
+    assert abs(first_half - 0.5) < 0.03
+    positions = masking.selected_positions(labels, 8)
+    for row in range(50):
+        where = np.flatnonzero(selected[row])
+        np.testing.assert_array_equal(positions[row, :len(where)], where)
+        assert (positions[row, len(where):] == 0).all()
+    assert (np.take_along_axis(labels, positions, -1) != masking.IGNORE).sum() == selected.sum()

@@ -6,7 +6,8 @@ example's global position, so it is reproducible and resumable), and the shared 
 It returns a flat dict of numpy arrays:
 
     all tasks    pixel_values [S, S, 3] f32, input_ids [L] i32, attention_mask [L] i32
-    pretrain     mlm_input_ids [L], mlm_labels [L] (masking.IGNORE where unmasked);
+    pretrain     mlm_input_ids [L], mlm_labels [L] (masking.IGNORE where unmasked),
+                 mlm_positions [k] (the masked positions, then 0; absent without a cap);
                  with itm_negatives='dataset' also itm_pixel_values, itm_labels ()
     vqa          vqa_targets [num_answers] f32 soft scores, question_id () i64
     nlvr2        pixel_values_2, labels () i32 (1 = True)
@@ -49,6 +50,7 @@ class TaskSpec:
     image_mode: str  # image_transforms.MODES
     flip: bool = False  # random horizontal flip in 'finetune' mode (swaps left/right in text)
     mlm_probability: float = 0.15
+    mlm_max_predictions: int | None = None  # masking.max_predictions; None: no cap
     itm_negatives: str = "batch"  # 'batch': the step permutes images; 'dataset': drawn here
     num_answers: int = 0  # VQA vocabulary size
     # ITM negatives drawn from the dataset need another record: (rng) -> image bytes.
@@ -106,7 +108,11 @@ def pretrain_example(record: dict, text_idx: int, rng: np.random.Generator,
     tok = spec.tokenizer
     features["mlm_input_ids"], features["mlm_labels"] = masking.mask_tokens(
         tokens["input_ids"], tokens["special_tokens_mask"], mask_id=tok.mask_id,
-        ordinary_ids=spec.ordinary_ids, probability=spec.mlm_probability, rng=rng)
+        ordinary_ids=spec.ordinary_ids, probability=spec.mlm_probability, rng=rng,
+        max_predictions=spec.mlm_max_predictions)
+    if spec.mlm_max_predictions is not None:
+        features["mlm_positions"] = masking.selected_positions(features["mlm_labels"],
+                                                               spec.mlm_max_predictions)
     if spec.itm_negatives == "dataset":
         matched = rng.random() < 0.5
         features["itm_labels"] = np.int32(matched)
@@ -144,7 +150,8 @@ EXAMPLE_FNS = dict(pretrain=pretrain_example, vqa=vqa_example, nlvr2=classificat
 
 
 def feature_spec(task: str, *, image_size: int, max_text_len: int, itm_negatives: str = "batch",
-                 num_answers: int = 0) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+                 num_answers: int = 0, mlm_max_predictions: int | None = None
+                 ) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """{feature: (per-example shape, numpy dtype)} of what the pipeline yields for `task`
     (the table in the module docstring, record_index / text_index included)."""
     if task not in TASKS:
@@ -154,6 +161,8 @@ def feature_spec(task: str, *, image_size: int, max_text_len: int, itm_negatives
     spec = dict(pixel_values=pixels, input_ids=text, attention_mask=text)
     if task == "pretrain":
         spec.update(mlm_input_ids=text, mlm_labels=text)
+        if mlm_max_predictions is not None:
+            spec["mlm_positions"] = ((mlm_max_predictions,), i32)
         if itm_negatives == "dataset":
             spec.update(itm_pixel_values=pixels, itm_labels=scalar)
     elif task == "vqa":
@@ -166,6 +175,12 @@ def feature_spec(task: str, *, image_size: int, max_text_len: int, itm_negatives
     return spec
 
 
+def mlm_max_predictions(config: ml_collections.ConfigDict) -> int | None:
+    """The MLM cap k of a run (masking.max_predictions of config.mlm_max_predictions)."""
+    return masking.max_predictions(config.get("mlm_max_predictions", -1),
+                                   config.get("mlm_probability", 0.15), config.model.max_text_len)
+
+
 def batch_spec(config: ml_collections.ConfigDict, batch_size: int,
                sharding: jax.sharding.Sharding | None = None) -> dict[str, jax.ShapeDtypeStruct]:
     """The training batch of config.task as ShapeDtypeStructs: [batch_size, *feature shape]
@@ -176,6 +191,7 @@ def batch_spec(config: ml_collections.ConfigDict, batch_size: int,
     spec = feature_spec(config.get("task", "pretrain"), image_size=model.vision.image_size,
                         max_text_len=model.max_text_len,
                         itm_negatives=data.get("itm_negatives", "batch"),
-                        num_answers=model.vqa_num_answers)
+                        num_answers=model.vqa_num_answers,
+                        mlm_max_predictions=mlm_max_predictions(config))
     return {name: jax.ShapeDtypeStruct((batch_size, *shape), dtype, sharding=sharding)
             for name, (shape, dtype) in spec.items()}

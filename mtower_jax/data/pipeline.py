@@ -245,7 +245,8 @@ def task_data(config: ml_collections.ConfigDict, task: str, split: str, *, train
     Reads config.data (datasets, data_dir, tokenizer_dir, num_workers,
     max_skipped_fraction, itm_negatives, synthetic_seed, augment, ...), config.model (image
     size, text length, VQA answers), config.seed, config.batch_size (global) and, for
-    pretraining, config.mlm_probability. Process index / count default to JAX's.
+    pretraining, config.mlm_probability and config.mlm_max_predictions. Process index /
+    count default to JAX's.
     `one_text_per_record`: each record once, with its first text (an image gallery).
     `start`: global train position to begin at (resuming on a different process count).
     """
@@ -270,6 +271,7 @@ def task_data(config: ml_collections.ConfigDict, task: str, split: str, *, train
         image_mode=_image_mode(task, train, data.get("augment", True)),
         flip=train and data.get("flip", task != "vqa"),
         mlm_probability=config.get("mlm_probability", 0.15),
+        mlm_max_predictions=examples.mlm_max_predictions(config),
         itm_negatives=data.get("itm_negatives", "batch"), num_answers=answers)
     what = f"{'+'.join(data.datasets)}/{split}"
     return make_dataset(

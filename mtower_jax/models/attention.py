@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mtower_jax.models.layers import Dense, Dtype
+from mtower_jax.models.layers import Dense, Dropout, Dtype
 from mtower_jax.models.partitioning import constrain
 
 
@@ -41,7 +41,7 @@ class MultiHeadAttention(nn.Module):
         if kv_mask is not None:
             logits = jnp.where(kv_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-        probs = nn.Dropout(self.dropout_rate)(probs, deterministic=not train)
+        probs = Dropout(self.dropout_rate)(probs, deterministic=not train)
         context = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
         return Dense(width, ("heads", "kv", "embed"), contract_dims=2, dtype=self.dtype,
                      param_dtype=self.param_dtype, name="out")(context)

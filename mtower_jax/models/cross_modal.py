@@ -16,7 +16,7 @@ import ml_collections
 
 from mtower_jax.models.attention import MultiHeadAttention
 from mtower_jax.models.feedforward import FeedForward
-from mtower_jax.models.layers import Dtype, LayerNorm
+from mtower_jax.models.layers import Dropout, Dtype, LayerNorm
 from mtower_jax.models.partitioning import constrain
 
 
@@ -30,7 +30,7 @@ class CrossModalLayer(nn.Module):
                  other_mask: jax.Array | None, train: bool) -> jax.Array:
         """x [B, L, D], other [B, L', D], masks [B, L] / [B, L'] bool or None -> [B, L, D]."""
         c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        drop = nn.Dropout(c.dropout, deterministic=not train)
+        drop = Dropout(c.dropout, deterministic=not train)
         a = MultiHeadAttention(c.num_heads, c.attention_dropout, name="attention", **kw)(
             x, x, mask, train)
         x = LayerNorm(c.layer_norm_eps, name="attention_norm", **kw)(x + drop(a))

@@ -12,7 +12,7 @@ import ml_collections
 
 from mtower_jax.models.attention import MultiHeadAttention
 from mtower_jax.models.feedforward import FeedForward
-from mtower_jax.models.layers import Dtype, Embed, LayerNorm
+from mtower_jax.models.layers import Dropout, Dtype, Embed, LayerNorm
 from mtower_jax.models.partitioning import constrain
 
 ACT = ("act_batch", "act_len", "act_embed")
@@ -27,7 +27,7 @@ class TextLayer(nn.Module):
     def __call__(self, x: jax.Array, mask: jax.Array, train: bool) -> jax.Array:
         """x [B, L, D], mask [B, L] bool -> [B, L, D]."""
         c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        drop = nn.Dropout(c.dropout, deterministic=not train)
+        drop = Dropout(c.dropout, deterministic=not train)
         a = MultiHeadAttention(c.num_heads, c.attention_dropout, name="attention", **kw)(
             x, x, mask, train)
         x = LayerNorm(c.layer_norm_eps, name="attention_norm", **kw)(x + drop(a))
@@ -56,7 +56,7 @@ class TextEncoder(nn.Module):
              + Embed(c.type_vocab_size, c.hidden_size, "types", name="token_type_embeddings",
                      **kw).table()[0])
         x = LayerNorm(c.layer_norm_eps, name="embeddings_norm", **kw)(x)
-        x = constrain(nn.Dropout(c.dropout, deterministic=not train)(x), ACT)
+        x = constrain(Dropout(c.dropout, deterministic=not train)(x), ACT)
 
         layer = nn.remat(TextLayer, static_argnums=(3,)) if self.remat else TextLayer
         mask = attention_mask.astype(bool)

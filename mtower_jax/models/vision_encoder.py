@@ -14,7 +14,7 @@ import ml_collections
 
 from mtower_jax.models.attention import MultiHeadAttention
 from mtower_jax.models.feedforward import FeedForward
-from mtower_jax.models.layers import INIT_STD, Dense, Dtype, LayerNorm
+from mtower_jax.models.layers import INIT_STD, Dense, Dropout, Dtype, LayerNorm
 from mtower_jax.models.partitioning import constrain, logical
 
 ACT = ("act_batch", "act_len", "act_embed")
@@ -38,7 +38,7 @@ class VisionLayer(nn.Module):
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         """x [B, 1+P, D] -> [B, 1+P, D]."""
         c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        drop = nn.Dropout(c.dropout, deterministic=not train)
+        drop = Dropout(c.dropout, deterministic=not train)
         h = LayerNorm(c.layer_norm_eps, name="attention_norm", **kw)(x)
         x = x + drop(MultiHeadAttention(c.num_heads, c.attention_dropout, name="attention", **kw)(
             h, h, None, train))

@@ -23,9 +23,9 @@ The work of one example is described by `passes`, a dict of counts per example:
     fusions            cross-modal passes whose image stream is read (ITM: the poolers)
     text_only_fusions  cross-modal passes of which only the text stream's output is read
                        (MLM): XLA drops the last image-stream layer and the poolers as dead code
-    mlm_positions      text positions run through the MLM head (max_text_len when the head
-                       decodes every position, as objectives.py does; k if it gathers the
-                       masked ones first)
+    mlm_positions      text positions run through the MLM head: the cap k of masked
+                       positions objectives.py gathers (config.mlm_max_predictions), or
+                       max_text_len when it decodes every position
     itm                ITM head applications
     itc_batch          ITC: the batch one similarity matrix covers (0: no ITC); per example the
                        two projections and one row of the [B, B] similarity
@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from mtower_jax.data.examples import mlm_max_predictions
 from mtower_jax.models.towers import num_uni_modal_inputs
 
 PASS_KEYS = ("text_encodes", "image_encodes", "fusions", "text_only_fusions", "mlm_positions",
@@ -163,6 +164,12 @@ def pretrain_step_flops(model_cfg: ml_collections.ConfigDict, batch_size: int, *
     return batch_size * model_flops_per_example(model_cfg, passes=passes)
 
 
+def _mlm_positions(config: ml_collections.ConfigDict) -> int:
+    """Positions per text the MLM head decodes: the cap k, else all max_text_len."""
+    k = mlm_max_predictions(config)
+    return config.model.max_text_len if k is None else k
+
+
 def train_step_flops(config: ml_collections.ConfigDict) -> float:
     """Training FLOPs of one step of the run `config` (its task, losses and global batch).
 
@@ -175,7 +182,7 @@ def train_step_flops(config: ml_collections.ConfigDict) -> float:
         dataset_negatives = config.data.get("itm_negatives", "batch") == "dataset"
         return pretrain_step_flops(
             m, batch, image_encodes_per_example=2 if dataset_negatives else 1,
-            mlm_positions=m.max_text_len if "mlm" in config.losses else 0,
+            mlm_positions=_mlm_positions(config) if "mlm" in config.losses else 0,
             itc_batch=batch if "itc" in config.losses else 0)
     passes = dict(text_encodes=1, image_encodes=1, fusions=1)
     if task == "nlvr2":

@@ -3,7 +3,8 @@
 One `model.apply(..., method=pretrain_forward)` does the step's forward work:
 
     image = vision_encoder(pixels)                     once per step, shared by MLM and ITM
-    MLM   fuse(text_encoder(masked ids), image)  -> mlm_logits at every text position
+    MLM   fuse(text_encoder(masked ids), image)  -> mlm_logits at the masked positions
+          (batch['mlm_positions'], at most k per text; at every position without it)
     ITC   normalize(W_t t_cls) . normalize(W_i v_cls) / tau over the batch   (optional)
     ITM   fuse(text_encoder(ids), image[neg])    -> itm_logits; half the examples (drawn at
           random) get another example's image: uniformly among the batch's other images,
@@ -66,6 +67,14 @@ def itm_negatives(rng: jax.Array, same_image: jax.Array, logits: jax.Array | Non
     return index.astype(jnp.int32), matched.astype(jnp.int32)
 
 
+def gather_positions(feats: jax.Array, labels: jax.Array, positions: jax.Array
+                     ) -> tuple[jax.Array, jax.Array]:
+    """feats [B, L, D], labels [B, L], positions [B, k] -> ([B, k, D], [B, k]): the MLM head
+    then costs k / L of decoding every position (the vocabulary projection dominates it)."""
+    return (jnp.take_along_axis(feats, positions[..., None], axis=1),
+            jnp.take_along_axis(labels, positions, axis=1))
+
+
 def example_weights(batch: dict) -> jax.Array:
     """[B] bool: the real examples (evaluation pads its last batch; `valid` marks them)."""
     if "valid" in batch:
@@ -104,7 +113,8 @@ def pretrain_forward(model, batch: dict, *, losses: tuple[str, ...], train: bool
     rngs={'dropout': r1, 'negatives': r2})` -> ({name: (loss_sum, count, correct)}, {}).
 
     batch: pixel_values [B, S, S, 3], input_ids / attention_mask / mlm_input_ids /
-    mlm_labels [B, L], record_index [B]; with dataset negatives itm_pixel_values, itm_labels;
+    mlm_labels [B, L], record_index [B], mlm_positions [B, k] when masking is capped; with
+    dataset negatives itm_pixel_values, itm_labels;
     in evaluation `valid` [B] (padding rows count nowhere).
     """
     bb, mask, valid = model.backbone, batch["attention_mask"], example_weights(batch)
@@ -112,8 +122,10 @@ def pretrain_forward(model, batch: dict, *, losses: tuple[str, ...], train: bool
     out = {}
     if "mlm" in losses:
         fused = bb.fuse(bb.encode_text(batch["mlm_input_ids"], mask, train), mask, image, train)
-        labels = batch["mlm_labels"]
-        logits = model.head("mlm")(fused, train)["mlm_logits"]
+        feats, labels = fused["text_feats"], batch["mlm_labels"]
+        if "mlm_positions" in batch:  # decode only the masked positions (gather first)
+            feats, labels = gather_positions(feats, labels, batch["mlm_positions"])
+        logits = model.head("mlm")({"text_feats": feats}, train)["mlm_logits"]
         out["mlm"] = cross_entropy_sum(logits, labels, (labels != IGNORE) & valid[:, None])
     text = bb.encode_text(batch["input_ids"], mask, train)
     similarity = None

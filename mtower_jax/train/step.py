@@ -70,7 +70,7 @@ def make_train_step(config: ml_collections.ConfigDict, model, tx: optax.Gradient
             (grads, terms), _ = jax.lax.scan(
                 body, zeros, (_micro_batches(batch, k), jax.random.split(rng, k)))
         metrics = _metrics(terms, counts)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new = {"params": optax.apply_updates(params, updates), "opt_state": opt_state}

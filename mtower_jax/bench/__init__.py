@@ -1,0 +1,1 @@
+"""Benchmarks: scripts that measure, not tests (BENCHMARKS.md has the results)."""

@@ -1,0 +1,36 @@
+"""The benchmark scripts run end to end and report what BENCHMARKS.md quotes (their numbers
+are measurements, not test assertions: this machine is shared and noisy)."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+
+from mtower_jax.bench.train_step import bench_config, synthetic_batch
+from mtower_jax.data.masking import IGNORE
+
+KEYS = ("ours_steps_per_s", "torch_steps_per_s", "ratio", "compile_s", "peak_mem_mb", "tflops",
+        "mfu", "matmul_peak_tflops", "manager_over_bridge")
+
+
+def test_synthetic_batch_follows_the_pipeline_contract():
+    config = bench_config("small", "bridge", 16, "float32")
+    batch = synthetic_batch(config)
+    ids, labels = batch["input_ids"], batch["mlm_labels"]
+    assert (ids[:, 0] == 0).all() and ((ids == 1) == (batch["attention_mask"] == 0)).all()
+    selected = labels != IGNORE
+    assert selected.any() and not selected[ids <= 2].any()
+    assert (np.take_along_axis(labels, batch["mlm_positions"], -1) != IGNORE).sum() == \
+        selected.sum()
+
+
+def test_train_step_benchmark_prints_one_json_line_with_every_key():
+    result = subprocess.run(
+        [sys.executable, "-m", "mtower_jax.bench.train_step", "--model=tiny", "--batch=8",
+         "--rounds=1", "--steps=1"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = json.loads(result.stdout.strip().splitlines()[-1])
+    for key in KEYS:
+        assert np.isfinite(line[key]) and line[key] > 0, key
+    assert line["ratio"] == line["torch_step_s"][0] / line["ours_step_s"][0]
+    assert line["manager_over_bridge"] == line["manager_step_s"][0] / line["ours_step_s"][0]
