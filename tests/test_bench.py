@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from mtower_jax.bench.train_step import bench_config, synthetic_batch
 from mtower_jax.data.masking import IGNORE
@@ -27,10 +28,20 @@ def test_synthetic_batch_follows_the_pipeline_contract():
 def test_train_step_benchmark_prints_one_json_line_with_every_key():
     result = subprocess.run(
         [sys.executable, "-m", "mtower_jax.bench.train_step", "--model=tiny", "--batch=8",
-         "--rounds=1", "--steps=1"], capture_output=True, text=True, timeout=600)
+         "--rounds=1", "--steps=1", "--override=model.text.num_layers=2",
+         "--override=model.vision.num_layers=2", "--override=model.cross.num_layers=1",
+         "--override=model.manager.num_layers=2"], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     line = json.loads(result.stdout.strip().splitlines()[-1])
     for key in KEYS:
         assert np.isfinite(line[key]) and line[key] > 0, key
     assert line["ratio"] == line["torch_step_s"][0] / line["ours_step_s"][0]
     assert line["manager_over_bridge"] == line["manager_step_s"][0] / line["ours_step_s"][0]
+
+
+def test_overrides_are_typed_and_checked():
+    config = bench_config("tiny", "manager", 8, "float32", ("model.manager.num_layers=2",
+                                                            "model.manager.noise=false"))
+    assert config.model.manager.num_layers == 2 and config.model.manager.noise is False
+    with pytest.raises(ValueError, match="model.manager.layers"):
+        bench_config("tiny", "manager", 8, "float32", ("model.manager.layers=2",))

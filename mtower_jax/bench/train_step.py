@@ -2,6 +2,7 @@
 
     python -m mtower_jax.bench.train_step --model=small --vs=torch
     python -m mtower_jax.bench.train_step --model=base --batch=64 --dtype=bfloat16 --vs=none
+    python -m mtower_jax.bench.train_step --model=small --override=model.manager.num_layers=2
 
 Both sides train the `bridge` tower of `configs/pretrain.py:model=M` (torch: HF
 `BridgeTowerForMaskedLM` + ITM head, bench/torch_reference.py) with the same dimensions,
@@ -50,13 +51,32 @@ from mtower_jax.train.step import jit_train_step
 DEFAULT_BATCH = {"tiny": 32, "small": 32}  # base / large: give --batch for the accelerator
 
 
-def bench_config(model: str, tower: str, batch: int, dtype: str) -> ml_collections.ConfigDict:
+def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
+    """'model.text.num_layers=2' -> config.model.text.num_layers = 2, typed as the field is."""
+    path, sep, text = override.partition("=")
+    parent, *_, key = [config, *path.split(".")]
+    for part in path.split(".")[:-1]:
+        parent = parent[part]
+    if not sep or key not in parent:
+        raise ValueError(f"--override={override!r}: expected KEY=VALUE with KEY a config "
+                         f"field (e.g. model.text.num_layers=2)")
+    old = parent[key]
+    if isinstance(old, bool):
+        parent[key] = text.lower() in ("1", "true", "yes")
+    else:
+        parent[key] = type(old)(text)
+
+
+def bench_config(model: str, tower: str, batch: int, dtype: str,
+                 overrides: tuple[str, ...] = ()) -> ml_collections.ConfigDict:
     config = pretrain.get_config(f"model={model},tower={tower}")
     config.batch_size = batch
     config.model.dtype = dtype
     config.total_steps = 10_000  # the learning rate stays warm; it does not change the work
     # HF's CLIP tower has hidden // 64 heads (as small and up already do; tiny has 2 of 32).
     config.model.vision.num_heads = max(1, config.model.vision.hidden_size // 64)
+    for override in overrides:
+        apply_override(config, override)
     return config
 
 
@@ -151,14 +171,15 @@ class TorchRunner:
 
 
 def benchmark(model: str, batch: int, dtype: str, vs: str, rounds: int, steps: int,
-              manager: bool = True) -> dict:
+              manager: bool = True, overrides: tuple[str, ...] = ()) -> dict:
     """Builds the runners, warms each up with one step, then alternates them; returns the
     result dict (see the module docstring)."""
-    bridge_config = bench_config(model, "bridge", batch, dtype)
+    bridge_config = bench_config(model, "bridge", batch, dtype, overrides)
     host_batch = synthetic_batch(bridge_config)
     runners = {"bridge": OursRunner(bridge_config, host_batch)}
     if manager:
-        runners["manager"] = OursRunner(bench_config(model, "manager", batch, dtype), host_batch)
+        runners["manager"] = OursRunner(bench_config(model, "manager", batch, dtype, overrides),
+                                        host_batch)
     if vs == "torch":
         runners["torch"] = TorchRunner(bridge_config, host_batch)
     for runner in runners.values():
@@ -217,7 +238,9 @@ def _define_flags() -> dict:
         vs=flags.DEFINE_enum("vs", "torch", ["torch", "none"], "Also time the PyTorch reference."),
         rounds=flags.DEFINE_integer("rounds", 5, "Alternating rounds."),
         steps=flags.DEFINE_integer("steps", 3, "Steps per runner per round."),
-        manager=flags.DEFINE_boolean("manager", True, "Also time our manager tower."))
+        manager=flags.DEFINE_boolean("manager", True, "Also time our manager tower."),
+        override=flags.DEFINE_multi_string("override", [], "KEY=VALUE of the config (both "
+                                           "sides), e.g. model.manager.num_layers=6."))
 
 
 def main(argv: list[str], args: dict) -> None:
@@ -229,7 +252,7 @@ def main(argv: list[str], args: dict) -> None:
     if a["vs"] == "torch" and a["dtype"] != "float32":
         sys.exit("--vs=torch compares float32 steps; use --dtype=float32 or --vs=none")
     result = benchmark(a["model"], batch, a["dtype"], a["vs"], a["rounds"], a["steps"],
-                       a["manager"])
+                       a["manager"], tuple(a["override"]))
     print(json.dumps(result))
 
 
