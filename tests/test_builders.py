@@ -369,8 +369,8 @@ def test_nlvr2_pairs_images_and_groups_sentences(tmp_path):
     for split in ("dev", "test1"):
         assert read(builder, split)[f"{split}-5-1"]["labels"].tolist() == [0]
     assert skipped_sources(builder, "train") == [
-        f"{raw / 'train.json'}: identifier 'train-1-0-2'", f"{raw / 'train.json'}:4",
-        f"{raw / 'train.json'}: identifier 'train-1-0-3'"]
+        f"{raw / 'train.json'}:3 (identifier 'train-1-0-2')", f"{raw / 'train.json'}:4",
+        f"{raw / 'train.json'}:5 (identifier 'train-1-0-3')"]
 
 
 def write_snli_ve(raw) -> None:
@@ -398,7 +398,7 @@ def test_snli_ve_groups_hypotheses_per_image_with_labels(tmp_path):
     assert read(builder, "dev")["3"]["labels"].tolist() == [1]
     path = raw / "snli_ve_train.jsonl"
     assert skipped_sources(builder, "train") == [
-        f"{path}:4", f"{path}: pairID 'p4'", f"{path}: pairID 'p5'"]
+        f"{path}:4", f"{path}:5 (pairID 'p4')", f"{path}:6 (pairID 'p5')"]
     check_text_index(builder)
 
 

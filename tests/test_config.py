@@ -1,12 +1,20 @@
-"""Config files, typed arguments, the lock, and model-config validation."""
+"""Config files, typed arguments, the lock, command-line overrides checked against it, and
+model-config validation."""
 from __future__ import annotations
 
 import importlib.util
 import pathlib
+import re
+import subprocess
+import sys
+import time
 
 import pytest
+from absl import flags
+from ml_collections import config_flags
 
 from conftest import tiny_config
+from mtower_jax import config_args
 from mtower_jax.config_args import parse_arg
 from mtower_jax.models import build_model, validate
 
@@ -106,3 +114,72 @@ def test_all_errors_are_reported_together():
     with pytest.raises(ValueError) as info:
         build_model(tiny_config("manager", **{"text.num_heads": 3, "manager.num_layers": 9}))
     assert "num_heads=3" in str(info.value) and "num_layers=9" in str(info.value)
+
+
+# --- command-line overrides (--config.KEY=VALUE) -------------------------------------------
+
+CONFIG_ARG = f"--config={ROOT / 'configs' / 'pretrain.py'}:model=tiny"
+
+
+def config_flag(argv: list[str]) -> flags.FlagValues:
+    """Fresh flags with main.py's config flag (a locked config file) reading `argv`."""
+    flag_values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=flag_values,
+                                    lock_config=True, sys_argv=argv)
+    return flag_values
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.batch_size=abc", "--config.batch_size=abc: expected an int (config.batch_size "
+                                "is 32), got 'abc'"),
+    ("--config.optimizer.lr=fast", "--config.optimizer.lr=fast: expected a float "
+                                   "(config.optimizer.lr is 0.0001), got 'fast'"),
+    ("--config.mesh.fsdp=1.5", "expected an int (config.mesh.fsdp is 1), got '1.5'"),
+    ("--config.data.log_example_ids=maybe", "expected a bool, true or false"),
+    ("--config.losses=(1,2)", "--config.losses=(1,2): expected a tuple of str (config.losses is "
+                              "('mlm', 'itm')), got (1, 2): 1 is an int"),
+    ("--config.nonexistent=1", "--config.nonexistent=1: config has no key 'nonexistent'; its "
+                               "keys: batch_size, "),
+    ("--config.optimizr.lr=1", "config has no key 'optimizr' (did you mean 'optimizer'?)"),
+    ("--config.model.text.nope=1", "config.model.text has no key 'nope'"),
+    ("--config.seed.x=1", "config.seed is an int, it has no key 'x'"),
+    ("--config.optimizer={'lr': 1}", "config.optimizer is a sub-config; set its fields one by "
+                                     "one (--config.optimizer.KEY=VALUE): b1, b2, eps"),
+    ("--config.batch_size", "--config.batch_size: needs a value, an int"),
+])
+def test_a_bad_command_line_override_names_key_value_and_type(override, message):
+    argv = ["main", CONFIG_ARG, "--workdir=x", override]
+    with pytest.raises(flags.Error, match=re.escape(message)):
+        config_args.check_overrides(argv, config_flag(argv))
+
+
+def test_good_overrides_pass_the_check_and_absl_applies_them():
+    argv = ["main", CONFIG_ARG, "--config.batch_size", "64", "--config.optimizer.lr=1e-3",
+            "--config.losses=mlm", "--noconfig.data.log_example_ids", "--config.mesh.fsdp=2",
+            "--config.data.eval_splits=('val', 'test')",
+            "--config.optimizer.lr_multipliers.heads=1"]
+    flag_values = config_flag(argv)
+    config_args.check_overrides(argv, flag_values)
+    flag_values(argv)
+    config = flag_values.config
+    assert (config.batch_size, config.optimizer.lr, config.losses, config.mesh.fsdp) == (
+        64, 1e-3, ("mlm",), 2)
+    assert config.data.eval_splits == ("val", "test") and not config.data.log_example_ids
+    assert config.optimizer.lr_multipliers.heads == 1.0
+    # Without the check, absl / ml_collections take a tuple of ints for one of strings.
+    argv = ["main", CONFIG_ARG, "--config.losses=(1,2)"]
+    flag_values = config_flag(argv)
+    flag_values(argv)
+    assert flag_values.config.losses == (1, 2)
+
+
+def test_the_cli_refuses_a_bad_override_before_any_work(tmp_path):
+    workdir = tmp_path / "run"
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "mtower_jax.main", CONFIG_ARG,
+                           f"--workdir={workdir}", "--config.mesh.fsdp=1.5"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr
+    assert ("FATAL Flags parsing error: --config.mesh.fsdp=1.5: expected an int "
+            "(config.mesh.fsdp is 1), got '1.5'") in done.stderr
+    assert not workdir.exists() and time.monotonic() - start < 60

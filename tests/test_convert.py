@@ -2,7 +2,10 @@
 models, built locally), exact round trips, safe loading, clear errors, and the CLI."""
 from __future__ import annotations
 
+import os
 import pathlib
+import re
+import shlex
 import subprocess
 import sys
 
@@ -12,9 +15,11 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from safetensors.numpy import save_file
 
 from mtower_jax.convert import checkpoint_files, hf_bridgetower, hf_clip_vision, hf_roberta
 from mtower_jax.convert import position_embeddings, to_hf_bridgetower
+from mtower_jax.convert import __main__ as convert_cli
 from mtower_jax.convert.keymap import ConversionError
 from mtower_jax.models import build_model
 from mtower_jax.models.text_encoder import TextEncoder
@@ -274,19 +279,59 @@ def test_mismatched_state_dict_lists_every_problem():
         assert expected in message
 
 
-class Payload:
+class WritesMarker:
+    """Unpickling this runs os.system, which creates `marker`: proof that a load ran code."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
     def __reduce__(self):
-        return (print, ("this must never run",))
+        return (os.system, (f"touch {shlex.quote(self.marker)}",))
 
 
-def test_pickled_code_is_refused(tmp_path):
-    path = tmp_path / "evil.ckpt"
-    torch.save({"state_dict": {"w": torch.zeros(2)}, "payload": Payload()}, path)
-    with pytest.raises(checkpoint_files.UnsafeCheckpointError, match="never allowed to run code"):
-        checkpoint_files.load_state_dict(str(path))
+@pytest.mark.parametrize("name, layout", [
+    ("evil.ckpt", "lightning hparams"), ("evil.pt", "lightning extra"), ("evil.pth", "bare"),
+    ("evil.bin", "bare"), ("hf_dir/pytorch_model.bin", "bare")])
+def test_a_checkpoint_whose_pickle_would_run_code_is_refused(tmp_path, capsys, name, layout):
+    marker = tmp_path / "code_ran"
+    payload, weights = WritesMarker(marker), {"w": torch.zeros(2)}
+    content = {"lightning hparams": {"state_dict": weights, "hyper_parameters": {"c": payload}},
+               "lightning extra": {"state_dict": weights, "payload": payload},
+               "bare": dict(weights, payload=payload)}[layout]
+    path = tmp_path / name
+    path.parent.mkdir(exist_ok=True)
+    torch.save(content, path)
+    src = str(path.parent if name.startswith("hf_dir") else path)  # a directory is accepted
+    for load in (checkpoint_files.load_state_dict, checkpoint_files.load_lightning_checkpoint):
+        with pytest.raises(checkpoint_files.UnsafeCheckpointError,
+                           match=r"it imports posix.system\), and checkpoints are never allowed"):
+            load(src)
+    for source_format in ("official_ckpt", "hf_roberta"):  # the converter CLI's entry point
+        assert convert_cli.main([source_format, src, str(tmp_path / "out")]) == 1
+        assert "never allowed to run code" in capsys.readouterr().err
+    assert not marker.exists() and not (tmp_path / "out").exists()
+    torch.load(path, weights_only=False)  # the control: an unsafe load does run the payload
+    assert marker.exists()
+
+
+def test_plain_checkpoints_load_and_garbage_is_a_clear_error(tmp_path):
     plain = tmp_path / "plain.ckpt"
     torch.save({"state_dict": {"w": torch.ones(2)}, "epoch": 3}, plain)
     np.testing.assert_array_equal(checkpoint_files.load_state_dict(str(plain))["w"], [1.0, 1.0])
+    legacy = tmp_path / "legacy.bin"
+    torch.save({"w": torch.ones(2)}, legacy, _use_new_zipfile_serialization=False)
+    safetensors = tmp_path / "model.safetensors"
+    save_file({"w": np.ones(2, np.float32)}, str(safetensors))
+    for path in (plain, legacy, safetensors):
+        valid = path.read_bytes()
+        for damaged in (b"", b"garbage", valid[:len(valid) // 2], valid[:60] + b"\xff" * 16
+                        + valid[76:]):
+            path.write_bytes(damaged)
+            # A damaged legacy (bare pickle) file may name a global the reader refuses.
+            error = (ValueError if path == legacy else checkpoint_files.UnreadableCheckpointError)
+            with pytest.raises(error, match=f"{re.escape(str(path))} (is not a readable "
+                                            f"checkpoint: truncated, damaged|needs pickled code)"):
+                checkpoint_files.load_state_dict(str(path))
 
 
 def test_bicubic_resize_matches_torch():

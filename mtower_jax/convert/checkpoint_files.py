@@ -3,14 +3,17 @@
 safetensors files are plain tensors. torch files (.bin / .pt / .pth / .ckpt) are read only
 with `torch.load(weights_only=True)`, whose unpickler accepts tensors and plain containers
 and refuses anything that would import or call code; such a file is rejected with a message
-that says so. Lightning checkpoints keep their weights under 'state_dict' and their config
-under 'hyper_parameters' (`load_lightning_checkpoint` returns both).
+that says so (UnsafeCheckpointError), a truncated or garbage file with one that says that
+(UnreadableCheckpointError); both are ValueErrors, which the converter CLI prints. Lightning
+checkpoints keep their weights under 'state_dict' and their config under 'hyper_parameters'
+(`load_lightning_checkpoint` returns both).
 """
 from __future__ import annotations
 
 import json
 import os
 import pickle
+import re
 from typing import Any
 
 import numpy as np
@@ -20,13 +23,21 @@ class UnsafeCheckpointError(ValueError):
     """The file needs pickled code to load; it is never executed."""
 
 
+class UnreadableCheckpointError(ValueError):
+    """The file is truncated, damaged or not in its format at all."""
+
+
 def load_state_dict(path: str) -> dict[str, np.ndarray]:
     """{key: float32/int numpy array} from a .safetensors or torch file (a directory: its
     model.safetensors or pytorch_model.bin)."""
     path = _resolve(path)
     if path.endswith(".safetensors"):
         from safetensors.numpy import load_file
-        return {k: _as_numpy(v) for k, v in load_file(path).items()}
+        try:
+            tensors = load_file(path)
+        except Exception as e:  # SafetensorError: a bad header, a truncated file
+            raise _unreadable(path, e) from None
+        return {k: _as_numpy(v) for k, v in tensors.items()}
     return load_lightning_checkpoint(path)[0]
 
 
@@ -41,11 +52,16 @@ def load_lightning_checkpoint(path: str) -> tuple[dict[str, np.ndarray], dict[st
                           "it to safetensors") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:  # the weights-only unpickler met a global it refuses
-        raise UnsafeCheckpointError(
-            f"{path} needs pickled code to load, and checkpoints are never allowed to run "
-            f"code. Re-save its tensors with safetensors, or as a plain state dict of "
-            f"tensors. (torch said: {str(e).splitlines()[0]})") from None
+    except pickle.UnpicklingError as e:  # the weights-only unpickler refused something
+        refused = re.search(r"GLOBAL (\S+)", str(e))  # the import it would have needed
+        if refused:
+            raise UnsafeCheckpointError(
+                f"{path} needs pickled code to load (it imports {refused.group(1)}), and "
+                f"checkpoints are never allowed to run code. Re-save its tensors with "
+                f"safetensors, or as a plain state dict of tensors.") from None
+        raise _unreadable(path, e) from None
+    except Exception as e:  # garbage and truncated files fail anywhere in torch's reader
+        raise _unreadable(path, e) from None
     hparams = {}
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         hparams = obj.get("hyper_parameters") or {}  # PyTorch Lightning
@@ -53,6 +69,15 @@ def load_lightning_checkpoint(path: str) -> tuple[dict[str, np.ndarray], dict[st
     if not isinstance(obj, dict):
         raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict")
     return {k: _as_numpy(v) for k, v in obj.items() if hasattr(v, "shape")}, dict(hparams)
+
+
+def _unreadable(path: str, e: Exception) -> UnreadableCheckpointError:
+    """The error for a file that fails to parse; names the file and the parser's reason."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    detail = next((l for l in lines if "Unsupported" in l), lines[0] if lines else "")
+    return UnreadableCheckpointError(
+        f"{path} is not a readable checkpoint: truncated, damaged or not in its format "
+        f"({type(e).__name__}: {detail[:200]}). Re-download or re-save it.")
 
 
 def load_hf_config(path: str) -> dict[str, Any] | None:

@@ -56,8 +56,9 @@ class BadRecords:
                 f"{self.what}: skipped {self.skipped} of {self.seen} records "
                 f"({self.fraction:.2%} > max_skipped_fraction={self.max_skipped_fraction:.2%}). "
                 f"By reason: {dict(self.reasons)}. First ones:\n{listed}\n"
-                "Fix or re-download those files, or raise the threshold "
-                "(config.data.max_skipped_fraction) if the loss is acceptable.")
+                "Fix or re-download those files, or raise the threshold if the loss is "
+                "acceptable: --max_skipped_fraction of `python -m mtower_jax.data.build`, "
+                "config.data.max_skipped_fraction of a run.")
 
     def summary(self) -> dict:
         return dict(what=self.what, seen=self.seen, skipped=self.skipped,

@@ -12,7 +12,7 @@ import io
 import math
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from mtower_jax.data import randaugment
 
@@ -21,11 +21,21 @@ CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
 MODES = ("pretrain", "eval", "finetune")
 
 
+class BadImage(OSError):
+    """Bytes that do not decode as an image, whatever PIL raised (OSError, SyntaxError,
+    DecompressionBombError...): the one error the pipeline and the builders count."""
+
+
 def decode(data: bytes) -> Image.Image:
-    """Encoded bytes -> RGB PIL image (raises on a corrupt file; the pipeline counts it)."""
-    image = Image.open(io.BytesIO(data))
-    image.load()
-    return image.convert("RGB")
+    """Encoded bytes -> RGB PIL image; BadImage on a corrupt file (the pipeline counts it)."""
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()  # a full decode: catches truncated files that verify() lets through
+        return image.convert("RGB")
+    except UnidentifiedImageError:  # its message names a BytesIO's address: say it plainly
+        raise BadImage("not in any image format Pillow reads") from None
+    except Exception as e:  # PIL raises many types, not all OSError (a decompression bomb)
+        raise BadImage(f"{type(e).__name__}: {e}") from e
 
 
 def normalize(image: Image.Image) -> np.ndarray:

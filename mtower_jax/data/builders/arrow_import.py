@@ -30,20 +30,38 @@ from mtower_jax.data.builders.raw_rows import (Example, accepted, clean_text,
 
 LAYOUT = __doc__
 COLUMNS = ("image", "caption", "image_id", "split")
+# Column -> (the types ViLT writes, in words); image_id may be of any type.
+_TYPES = dict(image=(lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t), "binary"),
+              caption=(lambda t: (pa.types.is_list(t) or pa.types.is_large_list(t))
+                       and _is_text(t.value_type), "list<string>"),
+              split=(lambda t: _is_text(t), "string"))
 # The `split` column's values -> our split.
 SPLIT_OF = {"train": "train", "restval": "train", "val": "val", "test": "test"}
 
 
+def _is_text(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t)
+
+
 def _open(path: str) -> pa.Table:
-    """The file's table, memory-mapped: a column is only read when it is used."""
+    """The file's table, memory-mapped: a column is only read when it is used. A damaged
+    file (bad offsets, invalid UTF-8) is a DataError here, before any row is read: `validate`
+    checks the structure, not the image bytes."""
     try:
         table = pa.ipc.open_file(pa.memory_map(path)).read_all()
-    except (pa.ArrowInvalid, OSError) as e:
-        raise DataError(f"arrow_captions: {path} is not an Arrow IPC file ({e})") from None
-    missing = set(COLUMNS) - set(table.column_names)
+        table.validate(full=True)
+    except (pa.ArrowException, OSError, ValueError) as e:  # ValueError: a non-UTF-8 name
+        raise DataError(f"arrow_captions: {path} is not a valid Arrow IPC file ({e}); "
+                        f"re-download or re-write it") from None
+    missing = [name for name in COLUMNS if table.column_names.count(name) != 1]
     if missing:
-        raise DataError(f"arrow_captions: {path} lacks columns {sorted(missing)}; it has "
-                        f"{table.column_names} (only ViLT's caption files are supported)")
+        raise DataError(f"arrow_captions: {path} lacks columns {missing} (or has them twice); "
+                        f"it has {table.column_names} (only ViLT's caption files are supported)")
+    wrong = [f"{name} is {table.schema.field(name).type}, not {expected}"
+             for name, (ok, expected) in _TYPES.items() if not ok(table.schema.field(name).type)]
+    if wrong:
+        raise DataError(f"arrow_captions: {path}: column {'; '.join(wrong)} (only ViLT's "
+                        f"caption files are supported)")
     return table
 
 

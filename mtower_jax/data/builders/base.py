@@ -10,15 +10,13 @@ the user must have downloaded, for the error message) and implements
     source = builder.as_data_source()["train"]
 """
 import abc
-import io
 import json
 import os
 import warnings
 
 import tensorflow_datasets as tfds
-from PIL import Image
 
-from mtower_jax.data import records
+from mtower_jax.data import image_transforms, records
 from mtower_jax.data.bad_records import BadRecords, DataError, DEFAULT_MAX_SKIPPED_FRACTION
 
 
@@ -92,8 +90,8 @@ def read_image(path: str, bad: BadRecords) -> bytes | None:
     try:
         with open(path, "rb") as f:
             data = f.read()
-    except OSError as e:
-        bad.skip(path, f"missing or unreadable file: {e.strerror or e}")
+    except (OSError, ValueError) as e:  # ValueError: a NUL or lone surrogate in the name
+        bad.skip(path, f"missing or unreadable file: {getattr(e, 'strerror', None) or e}")
         return None
     reason = image_problem(data)
     if reason:
@@ -103,30 +101,32 @@ def read_image(path: str, bad: BadRecords) -> bytes | None:
 
 
 def image_problem(data: bytes) -> str:
-    """'' if `data` decodes fully as an image, else why not (truncated, not an image...)."""
+    """'' if `data` decodes fully as an image, exactly as the pipeline decodes it; else why
+    not (truncated, not an image...)."""
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()  # a full decode: catches truncated files that verify() lets through
-    except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError...)
-        return f"corrupt image: {type(e).__name__}: {e}"
+        image_transforms.decode(data)
+    except image_transforms.BadImage as e:
+        return f"corrupt image: {e}"
     return ""
 
 
 def read_json(path: str, what: str):
     """Loads a JSON file the builder cannot do without; a clear error if it is bad."""
     try:
-        with open(path) as f:
-            return json.load(f)
+        with open(path, "rb") as f:
+            return json.loads(f.read())
     except FileNotFoundError:
         raise DataError(f"{what}: required file {path} is missing") from None
-    except json.JSONDecodeError as e:
-        raise DataError(f"{what}: {path} is not valid JSON ({e})") from None
+    except (ValueError, RecursionError) as e:  # not UTF-8 or JSON, a huge int, deep nesting
+        raise DataError(f"{what}: {path} is not valid JSON ({type(e).__name__}: {e}); "
+                        f"re-download it") from None
 
 
 def read_jsonl(path: str, bad: BadRecords):
-    """Yields parsed lines of a jsonl file; a malformed line is skipped and counted."""
+    """Yields (line number, parsed line) of a jsonl file; a malformed line is skipped and
+    counted."""
     try:
-        f = open(path)
+        f = open(path, "rb")  # lines end at b"\n" only, each decoded on its own
     except FileNotFoundError:
         raise DataError(f"{bad.what}: required file {path} is missing") from None
     with f:
@@ -134,6 +134,9 @@ def read_jsonl(path: str, bad: BadRecords):
             if not line.strip():
                 continue
             try:
-                yield json.loads(line)
-            except json.JSONDecodeError as e:
-                bad.skip(f"{path}:{line_no}", f"malformed JSON line: {e}")
+                value = json.loads(line.decode("utf-8"))
+            except (ValueError, RecursionError) as e:  # not UTF-8 or JSON, huge int, nesting
+                bad.skip(f"{path}:{line_no}", f"malformed JSON line: {type(e).__name__}: "
+                                              f"{str(e)[:200]}")
+                continue
+            yield line_no, value

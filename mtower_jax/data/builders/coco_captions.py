@@ -21,7 +21,7 @@ from typing import Callable, Iterator
 
 from mtower_jax.data.bad_records import BadRecords, DataError
 from mtower_jax.data.builders.base import RawFilesBuilder, read_json
-from mtower_jax.data.builders.raw_rows import Example, entry_records
+from mtower_jax.data.builders.raw_rows import Example, entry_records, raw_path
 
 LAYOUT = __doc__
 ANNOTATION = "dataset_coco.json"
@@ -31,7 +31,7 @@ SPLITS = {"train": ("train", "restval"), "val": ("val",), "test": ("test",)}
 
 def coco_image(raw_dir: str, entry: dict) -> tuple[str, str]:
     """(key, image path) of one dataset_coco.json entry; the key is the COCO id."""
-    return str(entry["cocoid"]), os.path.join(raw_dir, entry["filepath"], entry["filename"])
+    return str(entry["cocoid"]), raw_path(raw_dir, entry["filepath"], entry["filename"])
 
 
 def karpathy_splits(name: str, raw_dir: str, bad: Callable[[str], BadRecords], annotation: str,

@@ -21,7 +21,7 @@ from typing import Iterator
 
 from mtower_jax.data.bad_records import BadRecords
 from mtower_jax.data.builders.base import RawFilesBuilder
-from mtower_jax.data.builders.raw_rows import Example, jsonl_records, require
+from mtower_jax.data.builders.raw_rows import Example, jsonl_records, raw_path, require
 
 LAYOUT = __doc__
 SPLITS = ("train", "dev", "test1")
@@ -45,10 +45,9 @@ class Nlvr2(RawFilesBuilder):
         def parse(line: dict) -> tuple[str, tuple[str, ...], str, dict]:
             identifier, label = str(line["identifier"]), LABELS[line["label"]]
             pair = identifier.rsplit("-", 1)[0]
-            folder = os.path.join(raw_dir, split)
-            if split == "train":  # train images are spread over 100 numbered folders
-                folder = os.path.join(folder, str(line["directory"]))
-            images = tuple(os.path.join(folder, f"{pair}-img{i}.png") for i in (0, 1))
+            # train images are spread over 100 numbered folders
+            folder = (split, str(line["directory"])) if split == "train" else (split,)
+            images = tuple(raw_path(raw_dir, *folder, f"{pair}-img{i}.png") for i in (0, 1))
             return pair, images, line.get("sentence"), dict(labels=label, text_ids=identifier)
 
         return jsonl_records(path, bad, "identifier", parse)

@@ -26,18 +26,47 @@ def require(path: str, what: str) -> str:
 
 
 def clean_text(text: Any, source: str, bad: BadRecords) -> str | None:
-    """The text stripped of surrounding whitespace; None (skipped, counted) if it is empty."""
-    if isinstance(text, str) and text.strip():
-        return text.strip()
-    bad.skip(source, f"empty or missing text: {text!r}")
-    return None
+    """The text stripped of surrounding whitespace; None (skipped, counted) if it is empty
+    or not writable as UTF-8 (a lone surrogate, which JSON's \\u escapes allow)."""
+    if not (isinstance(text, str) and text.strip()):
+        bad.skip(source, f"empty or missing text: {text!r}")
+        return None
+    if not is_utf8(text):
+        bad.skip(source, f"text not encodable as UTF-8: {text!r}")
+        return None
+    return text.strip()
 
 
-def _line_source(line: Any, id_field: str) -> str:
-    """How a parsed jsonl line is named in skip messages: its id (greppable in the file)."""
+def is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def raw_path(raw_dir: str, *parts: str) -> str:
+    """os.path.join(raw_dir, *parts) of names read from an annotation file; a ValueError
+    (the entry is skipped) if the path leaves raw_dir ('..', an absolute path). Only the
+    names are checked: links inside raw_dir may point anywhere (the user put them there)."""
+    path = os.path.join(raw_dir, *parts)
+    if not os.path.normpath(path).startswith(os.path.join(raw_dir, "")):
+        raise ValueError(f"image path {path!r} is outside the raw directory")
+    return path
+
+
+def _line_source(path: str, line_no: int, line: Any, id_field: str) -> str:
+    """How a parsed jsonl line is named in skip messages: file:line and its id (greppable)."""
     if isinstance(line, dict) and id_field in line:
-        return f"{id_field} {line[id_field]!r}"
-    return f"line {json.dumps(line)[:80]}"
+        return f"{path}:{line_no} ({id_field} {line[id_field]!r})"
+    return f"{path}:{line_no} ({json.dumps(line)[:80]})"
+
+
+def check_utf8(*values: Any) -> None:
+    """A ValueError unless tfds can write each string value (a key, its image_id, an id)."""
+    for value in values:
+        if isinstance(value, str) and not is_utf8(value):
+            raise ValueError(f"{value!r} is not encodable as UTF-8")
 
 
 def count_other_lost_texts(bad: BadRecords, lost: int) -> None:
@@ -101,15 +130,17 @@ def entry_records(entries: Iterable[tuple[int, Any]], path: str, bad: BadRecords
                   max_texts: int | None = None) -> Iterator[Example]:
     """Records from a JSON list whose entries each hold one image and its texts (Karpathy
     splits, VG regions): `entries` are (index in the list, entry); `parse(entry)` -> (key,
-    image paths, the text dicts) raises KeyError/TypeError on a malformed entry, which is
-    skipped, as is a repeated key; the first `max_texts` good texts are kept, in order."""
+    image paths, the text dicts) raises KeyError / TypeError / ValueError on a malformed
+    entry, which is skipped, as is a repeated key; the first `max_texts` good texts are
+    kept, in order."""
     keys = set()  # tfds needs unique keys; a repeated entry would also double-count its image
     for i, entry in entries:
         source = f"{path}: entry {i}"
         try:
             key, image_paths, items = parse(entry)
             items = list(items)
-        except (KeyError, TypeError) as e:
+            check_utf8(key)
+        except (KeyError, TypeError, ValueError) as e:
             bad.skip(source, f"malformed entry: {type(e).__name__}: {e}")
             continue
         if key in keys:
@@ -129,13 +160,15 @@ def jsonl_records(path: str, bad: BadRecords, id_field: str,
                   ) -> Iterator[Example]:
     """Records from a jsonl file of one text a line (NLVR2, SNLI-VE), grouped per image:
     `parse(line)` -> (key, image paths, the raw text, per-text fields) raises KeyError /
-    TypeError on a malformed line, which is skipped and named by its `id_field`."""
+    TypeError / ValueError on a malformed line, which is skipped and named by its number
+    and `id_field`."""
     groups = Groups()
-    for line in read_jsonl(path, bad):
-        source = f"{path}: {_line_source(line, id_field)}"
+    for line_no, line in read_jsonl(path, bad):
+        source = _line_source(path, line_no, line, id_field)
         try:
             key, image_paths, text, per_text = parse(line)
-        except (KeyError, TypeError) as e:
+            check_utf8(key, *per_text.values())
+        except (KeyError, TypeError, ValueError) as e:
             bad.skip(source, f"malformed line: {type(e).__name__}: {e}")
             continue
         text = clean_text(text, source, bad)

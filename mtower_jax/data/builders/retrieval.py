@@ -26,6 +26,7 @@ import os
 from mtower_jax.data.builders.base import RawFilesBuilder
 from mtower_jax.data.builders.coco_captions import ANNOTATION as COCO_ANNOTATION
 from mtower_jax.data.builders.coco_captions import coco_image, karpathy_splits
+from mtower_jax.data.builders.raw_rows import raw_path
 
 LAYOUT = __doc__
 CAPTIONS_PER_IMAGE = 5
@@ -34,7 +35,7 @@ CAPTIONS_PER_IMAGE = 5
 def flickr_image(raw_dir: str, entry: dict) -> tuple[str, str]:
     """(key, image path) of one dataset_flickr30k.json entry; the key is the file's stem."""
     return (os.path.splitext(entry["filename"])[0],
-            os.path.join(raw_dir, "flickr30k-images", entry["filename"]))
+            raw_path(raw_dir, "flickr30k-images", entry["filename"]))
 
 
 class Flickr30kRetrieval(RawFilesBuilder):

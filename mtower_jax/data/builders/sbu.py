@@ -30,8 +30,12 @@ CAPTIONS = "SBU_captioned_photo_dataset_captions.txt"
 
 
 def url_basename(url: str) -> str:
-    """The file name a downloader gives the URL's target: the last path component."""
-    return posixpath.basename(urllib.parse.urlparse(url.strip()).path)
+    """The file name a downloader gives the URL's target: the last path component ('' if
+    the URL does not parse, e.g. 'http://[x/a.jpg': no downloader fetched it)."""
+    try:
+        return posixpath.basename(urllib.parse.urlparse(url.strip()).path)
+    except ValueError:
+        return ""
 
 
 class SbuCaptions(RawFilesBuilder):
@@ -49,8 +53,9 @@ class SbuCaptions(RawFilesBuilder):
     def _records(self, raw_dir: str, urls: str, captions: str,
                  bad: BadRecords) -> Iterator[Example]:
         groups = Groups()  # a photo listed twice gets one record with both captions
-        with (open(urls, encoding="utf-8") as url_lines,
-              open(captions, encoding="utf-8", errors="replace") as caption_lines):
+        # Lines end at "\n" only: a stray "\r" in one file must not shift every later line.
+        with (open(urls, encoding="utf-8", errors="replace", newline="\n") as url_lines,
+              open(captions, encoding="utf-8", errors="replace", newline="\n") as caption_lines):
             for line_no, (url, caption) in enumerate(
                     itertools.zip_longest(url_lines, caption_lines), 1):
                 if url is None or caption is None:

@@ -17,7 +17,7 @@ from typing import Iterator
 
 from mtower_jax.data.bad_records import BadRecords
 from mtower_jax.data.builders.base import RawFilesBuilder
-from mtower_jax.data.builders.raw_rows import Example, jsonl_records, require
+from mtower_jax.data.builders.raw_rows import Example, jsonl_records, raw_path, require
 from mtower_jax.data.records import SNLI_VE_LABELS
 
 LAYOUT = __doc__
@@ -40,7 +40,7 @@ class SnliVe(RawFilesBuilder):
     def _records(self, raw_dir: str, path: str, bad: BadRecords) -> Iterator[Example]:
         def parse(line: dict) -> tuple[str, tuple[str, ...], str, dict]:
             filename, label = str(line["Flikr30kID"]), LABELS[line["gold_label"]]
-            image = os.path.join(raw_dir, "flickr30k-images", filename)
+            image = raw_path(raw_dir, "flickr30k-images", filename)
             return (os.path.splitext(filename)[0], (image,), line.get("sentence2"),
                     dict(labels=label))
 

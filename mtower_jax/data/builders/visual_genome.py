@@ -19,7 +19,7 @@ evaluated on COCO retrieval.
 import os
 from mtower_jax.data.bad_records import DataError
 from mtower_jax.data.builders.base import RawFilesBuilder, read_json
-from mtower_jax.data.builders.raw_rows import entry_records, require
+from mtower_jax.data.builders.raw_rows import entry_records, raw_path, require
 
 LAYOUT = __doc__
 ANNOTATION = "region_descriptions.json"
@@ -29,14 +29,18 @@ IMAGE_DIRS = ("VG_100K", "VG_100K_2")
 def image_path(raw_dir: str, image_id: str) -> str:
     """The image's path in the first folder that has it (the first folder if none does,
     so that a missing image is reported with a path)."""
-    paths = [os.path.join(raw_dir, folder, f"{image_id}.jpg") for folder in IMAGE_DIRS]
+    paths = [raw_path(raw_dir, folder, f"{image_id}.jpg") for folder in IMAGE_DIRS]
     return next((path for path in paths if os.path.exists(path)), paths[0])
 
 
 def read_ids(path: str, what: str) -> set[str]:
     """The image ids listed in `path`, one per line."""
-    with open(require(path, what), encoding="utf-8") as f:
-        return {line.strip() for line in f if line.strip()}
+    try:
+        with open(require(path, what), encoding="utf-8") as f:
+            return {line.strip() for line in f if line.strip()}
+    except UnicodeDecodeError as e:  # a damaged list would let excluded images through
+        raise DataError(f"{what}: {path} is not UTF-8 text ({e}); it should hold one VG "
+                        f"image id per line") from None
 
 
 class VisualGenomeCaptions(RawFilesBuilder):

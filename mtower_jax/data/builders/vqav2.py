@@ -195,7 +195,9 @@ class Vqav2(RawFilesBuilder):
             source = f"{path}: questions[{i}]"
             try:
                 image_id, question_id = int(entry["image_id"]), int(entry["question_id"])
-            except (KeyError, TypeError, ValueError) as e:
+                if not -2**63 <= question_id < 2**63:  # written as int64
+                    raise ValueError(f"question_id {question_id} is out of the int64 range")
+            except (KeyError, TypeError, ValueError, OverflowError) as e:  # Overflow: inf
                 bad.skip(source, f"malformed question: {type(e).__name__}: {e}")
                 continue
             text = clean_text(entry.get("question"), source, bad)
