@@ -13,6 +13,7 @@ import ml_collections
 from absl import app
 from ml_collections import config_flags
 
+from mtower_jax import config_args
 from mtower_jax.models import parameter_shapes
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
@@ -75,4 +76,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=config_args.parse_flags)  # overrides type-checked first

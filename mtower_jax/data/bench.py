@@ -13,6 +13,7 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
+from mtower_jax import config_args
 from mtower_jax.data import pipeline
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/pretrain.py:model=tiny",
@@ -47,4 +48,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":  # grain worker processes re-import this module
-    app.run(main)
+    app.run(main, flags_parser=config_args.parse_flags)  # overrides type-checked first

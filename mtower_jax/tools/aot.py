@@ -76,6 +76,7 @@ from absl import app, flags  # noqa: E402
 from jax.experimental import topologies  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from mtower_jax import config_args  # noqa: E402
 from mtower_jax.data.examples import batch_spec  # noqa: E402
 from mtower_jax.models.partitioning import MESH_AXES, resolve_rules  # noqa: E402
 from mtower_jax.train import flops as flops_lib  # noqa: E402
@@ -382,4 +383,4 @@ def main(argv: list[str], cli: dict) -> None:
 
 if __name__ == "__main__":
     _cli = _define_flags()
-    app.run(lambda argv: main(argv, _cli))
+    app.run(lambda argv: main(argv, _cli), flags_parser=config_args.parse_flags)

@@ -14,6 +14,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from mtower_jax import config_args
 from mtower_jax.models import build_model, random_inputs
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
@@ -46,4 +47,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=config_args.parse_flags)  # overrides type-checked first

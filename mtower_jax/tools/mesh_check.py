@@ -27,6 +27,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from mtower_jax import config_args
 from mtower_jax.data import pipeline
 from mtower_jax.models.partitioning import MESH_AXES, resolve_rules
 from mtower_jax.train import mesh as mesh_lib
@@ -119,4 +120,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=config_args.parse_flags)  # overrides type-checked first
