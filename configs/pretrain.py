@@ -64,6 +64,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.eval_batch_size = 256 if paper else 32
     config.checkpoint_every = 5000 if paper else 100
     config.keep_checkpoints = 3
+    # SIGTERM -> checkpoint -> exit within this many seconds (train/preemption.py): a little
+    # below the scheduler's grace period (Kubernetes / GCE: 30 s).
+    config.preemption_grace_s = 25.0
     # Mesh axis sizes (train/mesh.py) and the rules mapping logical axes onto them
     # (models/partitioning.py); docs/SCALING.md says which to pick.
     config.mesh = mesh_config()  # data=-1 (all devices), fsdp=1, tensor=1, dcn_*=1

@@ -18,17 +18,25 @@ of config.data.eval_splits and writes DIR/eval_<split>.json.
 Config files are Python that runs in this process: only use ones you trust. Values given
 on the command line (`--config.x=y`) are parsed and type-checked against the locked config.
 The run writes DIR/config.json, DIR/metrics.jsonl, DIR/tensorboard/ and DIR/checkpoints/,
-and resumes from the newest complete checkpoint in DIR.
+and resumes from the newest complete checkpoint in DIR. SIGTERM saves a checkpoint at the
+next step boundary and exits 0 (within config.preemption_grace_s). A checkpoint that cannot
+be written (disk full, read-only DIR) ends the run with exit code 1 and says why;
+docs/RELIABILITY.md lists the faults tested.
 """
 import logging as std_logging
+import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from mtower_jax import config_args
 from mtower_jax.train import distributed, loop
+from mtower_jax.train.checkpoints import CheckpointWriteError
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:args].",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file[:args]: Python that runs in this process (only files you "
+    "trust); --config.KEY=VALUE overrides are type-checked against it.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, logs).")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "Train (and resume), or only "
                           "evaluate the newest checkpoint / config.init_from.")
@@ -54,9 +62,17 @@ def main(argv: list[str]) -> None:
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     if _MODE.value == "eval":
         loop.evaluate_only(_CONFIG.value, _WORKDIR.value)
-    else:
+        return
+    try:
         loop.train(_CONFIG.value, _WORKDIR.value)
+    except CheckpointWriteError as e:
+        logging.error("%s", e)
+        logging.flush()
+        sys.stderr.flush()
+        # Orbax leaves threads waiting on the failed write (up to its 600 s timeout), and
+        # the interpreter would wait for them before exiting.
+        os._exit(1)
 
 
 if __name__ == "__main__":  # grain worker processes re-import this module
-    app.run(main)
+    app.run(main, flags_parser=config_args.parse_flags)

@@ -148,6 +148,9 @@ def finetune_config(task: str, arg: str | None, **extra_args) -> ml_collections.
     config.eval_steps = 0  # batches per evaluation; 0 = the whole split
     config.checkpoint_every = 2000 if paper else 500
     config.keep_checkpoints = 2
+    # SIGTERM -> checkpoint -> exit within this many seconds (train/preemption.py): a little
+    # below the scheduler's grace period (Kubernetes / GCE: 30 s).
+    config.preemption_grace_s = 25.0
     config.mesh = mesh_config()  # data=-1 (all devices), fsdp=1, tensor=1, dcn_*=1
     config.logical_axis_rules = "data"  # preset (data|fsdp|tensor|fsdp_tensor) or pairs
     config.lock()

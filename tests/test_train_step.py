@@ -145,10 +145,11 @@ def test_tiny_model_overfits_one_batch(overfit_setup):
     assert mlm1 < 0.1 * mlm0 and itm1 < 0.1 * itm0, losses[::10]
 
 
-def test_nonfinite_batch_skips_the_update_exactly(overfit_setup):
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nonfinite_batch_skips_the_update_exactly(overfit_setup, bad):
     config, mesh, state, step = overfit_setup
     batch = make_batch(config.model, seed=4)
-    batch["pixel_values"][0, 0, 0, 0] = np.nan
+    batch["pixel_values"][0, 0, 0, 0] = bad
     before = jax.device_get(state)
     after, metrics = run(mesh, step, state, batch)
     assert int(metrics["nonfinite"]) == 1 and not np.isfinite(float(metrics["loss"]))

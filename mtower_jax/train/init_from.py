@@ -6,13 +6,17 @@
 Params only: the optimizer starts fresh. Parameters this model has and the source lacks
 (e.g. a task head after pretraining) keep their fresh initialisation and are listed in the
 log; source parameters this model lacks (e.g. the MLM head when fine-tuning) are listed
-and ignored. A shape mismatch is an error that lists every mismatched parameter.
+and ignored. A shape mismatch is an error that lists every mismatched parameter, and the
+missing and unexpected ones too; so is a source that shares no parameter with the model.
+A training checkpoint's params are checked against the fingerprints saved with them
+(train/checkpoints.py): a corrupt file is an error, not a silent mix.
 
 Two shapes legitimately change from pretraining to fine-tuning and are adapted first:
   - the ViT position table follows the image size (288 -> 384 / 576): the class row is
     kept, the grid resized bicubically (convert/position_embeddings.py);
   - NLVR2's third token type (its second image) starts as a copy of the image row.
 """
+import json
 import logging
 import os
 
@@ -21,7 +25,7 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 
 from mtower_jax.convert.position_embeddings import resize
-from mtower_jax.train.checkpoints import latest_complete_step
+from mtower_jax.train.checkpoints import FINGERPRINT, fingerprints, latest_complete_step
 
 VISION_POSITIONS = "backbone/vision_encoder/position_embedding"
 TOKEN_TYPES = "backbone/token_type_embeddings/embedding"
@@ -35,16 +39,45 @@ def read_params(directory: str) -> dict:
     """The params pytree (numpy) stored under `directory`, either layout above."""
     directory = os.path.abspath(os.path.expanduser(directory))
     params_dir = os.path.join(directory, "params")
-    with ocp.StandardCheckpointer() as ckptr:
-        if os.path.isdir(params_dir):
-            return ckptr.restore(params_dir)
+    step = None
+    if not os.path.isdir(params_dir):
         step = latest_complete_step(directory)
         if step is None:
             raise InitFromError(
                 f"config.init_from={directory!r} holds neither params/ (written by "
                 "`python -m mtower_jax.convert`) nor checkpoints/<step>/ of a training run")
-        state_dir = os.path.join(directory, "checkpoints", str(step), "state")
-        return ckptr.restore(state_dir)["params"]
+        params_dir = os.path.join(directory, "checkpoints", str(step), "state")
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            tree = ckptr.restore(params_dir)
+    except Exception as e:
+        raise InitFromError(f"config.init_from: {params_dir} cannot be read (damaged or "
+                            f"incomplete?): {type(e).__name__}: {str(e)[:300]}") from e
+    if step is None:
+        return tree
+    _verify(os.path.join(directory, "checkpoints", str(step)), tree["params"])
+    return tree["params"]
+
+
+def _verify(step_dir: str, params: dict) -> None:
+    """InitFromError unless `params` match the fingerprints saved with the checkpoint."""
+    try:
+        with open(os.path.join(step_dir, "manifest", "metadata")) as f:
+            manifest = json.load(f)
+    except OSError:
+        logging.warning("init_from: %s has no manifest; its params are not verified", step_dir)
+        return
+    except ValueError as e:
+        raise InitFromError(f"config.init_from: {step_dir}/manifest is corrupt: {e}") from e
+    if manifest.get("fingerprint") != FINGERPRINT:
+        raise InitFromError(f"config.init_from: {step_dir}/manifest has fingerprint "
+                            f"{manifest.get('fingerprint')!r}, expected {FINGERPRINT!r}")
+    saved = manifest.get("arrays", {})
+    wrong = sorted(k for k, v in fingerprints(params).items() if saved.get(f"params/{k}") != v)
+    if wrong:
+        raise InitFromError(f"config.init_from: {len(wrong)} params of {step_dir} read back "
+                            f"different from what was saved (corrupt files): "
+                            f"{', '.join(wrong)}")
 
 
 def adapt_source(source_flat: dict, fresh_flat: dict) -> tuple[dict, list[str]]:
@@ -76,12 +109,20 @@ def merge_params(fresh: dict, source: dict, what: str) -> tuple[dict, dict]:
     fresh_flat = traverse_util.flatten_dict(fresh, sep="/")
     source_flat, adapted = adapt_source(traverse_util.flatten_dict(source, sep="/"), fresh_flat)
     mismatched = [f"  {k}: {what} has {tuple(np.shape(source_flat[k]))}, the model "
-                  f"{tuple(np.shape(v))}" for k, v in fresh_flat.items()
+                  f"{tuple(np.shape(v))}" for k, v in sorted(fresh_flat.items())
                   if k in source_flat and tuple(np.shape(source_flat[k])) != tuple(np.shape(v))]
-    if mismatched:
-        raise InitFromError(f"{len(mismatched)} parameters of {what} do not fit the model "
-                            "(is model config the one the checkpoint was made with?):\n"
-                            + "\n".join(mismatched))
+    missing = sorted(k for k in fresh_flat if k not in source_flat)
+    unexpected = sorted(k for k in source_flat if k not in fresh_flat)
+    if mismatched or len(missing) == len(fresh_flat):
+        problem = (f"{len(mismatched)} parameters of {what} do not fit the model" if mismatched
+                   else f"{what} shares no parameter with the model")
+        raise InitFromError(
+            f"{problem} (is the model config the one the checkpoint was made with?):\n"
+            + "\n".join(mismatched)
+            + f"\n{len(missing)} parameters of the model are not in {what}:"
+            + "".join(f"\n  {k}" for k in missing)
+            + f"\n{len(unexpected)} parameters of {what} are not in the model:"
+            + "".join(f"\n  {k}" for k in unexpected))
     merged = {k: np.asarray(source_flat[k], np.asarray(v).dtype) if k in source_flat else v
               for k, v in fresh_flat.items()}
     report = dict(loaded=sorted(k for k in fresh_flat if k in source_flat),

@@ -6,24 +6,30 @@
                parameters and activations onto it (models/partitioning.py)
     data       grain iterator of this process's rows of the train split (data/pipeline.py);
                a checkpoint from another process count resumes at step x batch
-    state      resume from DIR/checkpoints, else init_from (heads fresh, position table
-               and token types adapted: train/init_from.py), else fresh init
+    state      resume from the newest intact checkpoint in DIR/checkpoints (damaged ones
+               are moved aside, another config's is an error: train/checkpoints.py), else
+               init_from (heads fresh, position table and token types adapted:
+               train/init_from.py), else fresh init
     step       jit(train_step) with explicit shardings, the state donated
     loop       each step: host batch -> global arrays -> step; the previous step's
                metrics are fetched while this one runs (no host sync on the critical
                path); log / eval / checkpoint on schedule
     eval       every eval split (train/evaluation.py); the last evaluation also writes
                DIR/eval_<split>.json
-    preemption SIGTERM -> checkpoint at the next step boundary, exit 0
+    preemption SIGTERM -> checkpoint at the next step boundary, exit 0; a watchdog ends
+               the process config.preemption_grace_s after the signal (train/preemption.py)
+    failures   a checkpoint write that fails (disk full, read-only) stops the run at the
+               next step boundary with CheckpointWriteError
 
 `evaluate_only` is `--mode=eval`: the newest checkpoint (or init_from) on every eval split.
 """
 import copy
+import json
 import logging
 import math
 import os
-import signal
 import time
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -39,6 +45,7 @@ from mtower_jax.train.evaluation import Evaluator
 from mtower_jax.train.example_log import ExampleLog
 from mtower_jax.train.init_from import load_init_params
 from mtower_jax.train.metrics import MetricsWriter
+from mtower_jax.train.preemption import Preemption
 from mtower_jax.train.state import create_train_state
 from mtower_jax.train.step import jit_train_step
 from mtower_jax.train.tasks import get_task
@@ -48,22 +55,6 @@ NONFINITE_POLICIES = ("skip", "stop")
 
 class NonFiniteLossError(FloatingPointError):
     """config.on_nonfinite='stop' and a step produced a NaN / Inf loss or gradient."""
-
-
-class _Preemption:
-    """Turns SIGTERM into a flag the loop checks at each step boundary."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame):
-        del signum, frame
-        logging.warning("SIGTERM: saving a checkpoint at the end of this step, then exiting")
-        self.requested = True
-
-    def restore(self):
-        signal.signal(signal.SIGTERM, self._previous)
 
 
 def check_nonfinite(values: dict, step: int, policy: str, skipped_so_far: int) -> int:
@@ -87,15 +78,26 @@ def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
             f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
 
-def _initial_state(config, checkpoints, abstract_state, init, data_iter) -> dict:
-    step = checkpoints.latest_step()
-    if step is not None:
+def _checkpoints(config: ml_collections.ConfigDict, workdir: str) -> Checkpoints:
+    return Checkpoints(workdir, keep=config.keep_checkpoints,
+                       config=json.loads(config.to_json_best_effort()))
+
+
+def _initial_state(config: ml_collections.ConfigDict, checkpoints: Checkpoints,
+                   abstract_state: dict, init: Callable,
+                   make_iterator: Callable | None = None) -> tuple:
+    """(state, iterator): the newest intact checkpoint's (with the iterator where it was),
+    else init_from's params, else a fresh init (with a fresh iterator)."""
+    restored = checkpoints.restore_newest(abstract_state, make_iterator)
+    if restored is not None:
+        step, state, iterator = restored
         logging.info("resuming from %s/%d", checkpoints.directory, step)
-        return checkpoints.restore(step, abstract_state, data_iter)
+        return state, iterator
+    iterator = make_iterator(None)[0] if make_iterator else None
     if config.init_from:
         fresh = jax.device_get(init()["params"])
-        return init(load_init_params(config.init_from, fresh))
-    return init()
+        return init(load_init_params(config.init_from, fresh)), iterator
+    return init(), iterator
 
 
 def resolve_total_steps(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -162,12 +164,12 @@ def evaluate_only(config: ml_collections.ConfigDict, workdir: str) -> dict:
         config = copy.deepcopy(config)
         config.total_steps = max(config.total_steps, 1)  # the optimizer is built, not used
         model, _, abstract_state, init = create_train_state(config, mesh, rules)
-        checkpoints = Checkpoints(workdir, keep=config.keep_checkpoints)
+        checkpoints = _checkpoints(config, workdir)
         try:
             if checkpoints.latest_step() is None and not config.init_from:
                 raise ValueError(f"nothing to evaluate: {checkpoints.directory} holds no "
                                  "checkpoint and config.init_from is empty")
-            state = _initial_state(config, checkpoints, abstract_state, init, None)
+            state, _ = _initial_state(config, checkpoints, abstract_state, init)
         finally:
             checkpoints.close()
         step = int(jax.device_get(state["step"]))
@@ -180,31 +182,54 @@ def evaluate_only(config: ml_collections.ConfigDict, workdir: str) -> dict:
         return results
 
 
-def _train_data(config, task, checkpoints: Checkpoints):
-    """(train iterator, whether the checkpoint restores its position). A checkpoint written
-    by a different number of processes has no iterator state for this one: every process
-    then starts at global position step x batch (the same global batches follow)."""
-    resume, start = checkpoints.latest_step(), 0
-    if resume is not None and not checkpoints.has_data_state(resume):
-        start = resume * config.batch_size
-        logging.warning("checkpoint %d holds no data position for process %d of %d (written "
-                        "by another process count): reading from global example %d", resume,
-                        jax.process_index(), jax.process_count(), start)
-    data = pipeline.task_data(config, task.name, config.data.train_split, train=True,
-                              start=start)
-    return iter(data), start == 0
+def _train_data(config: ml_collections.ConfigDict, task, checkpoints: Checkpoints) -> Callable:
+    """make_iterator(step) -> (train iterator, whether checkpoint `step` restores its
+    position); step None: a fresh run. A checkpoint written by a different number of
+    processes has no iterator state for this one: every process then starts at global
+    position step x batch (the same global batches follow)."""
+    def make_iterator(resume: int | None) -> tuple:
+        start = 0
+        if resume is not None and not checkpoints.has_data_state(resume):
+            start = resume * config.batch_size
+            logging.warning("checkpoint %d holds no data position for process %d of %d "
+                            "(written by another process count): reading from global "
+                            "example %d", resume, jax.process_index(), jax.process_count(),
+                            start)
+        data = pipeline.task_data(config, task.name, config.data.train_split, train=True,
+                                  start=start)
+        return iter(data), resume is not None and start == 0
+    return make_iterator
 
 
-def _train(config, workdir, mesh, rules) -> dict:
-    task = get_task(config)
+def _train(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh,
+           rules) -> dict:
+    # First, so that a SIGTERM during start-up (restore, compile) also ends in exit 0.
+    preemption = Preemption(config.get("preemption_grace_s", 25.0))
+    try:
+        return _train_steps(config, workdir, mesh, rules, preemption)
+    finally:
+        preemption.restore()
+
+
+def _train_steps(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh,
+                 rules, preemption: Preemption) -> dict:
     model, tx, abstract_state, init = create_train_state(config, mesh, rules)
     warning = mesh_lib.report_replicated(abstract_state["params"], mesh)
     if warning:
         logging.warning(warning)
-    checkpoints = Checkpoints(workdir, keep=config.keep_checkpoints)
-    data_iter, restore_position = _train_data(config, task, checkpoints)
-    state = _initial_state(config, checkpoints, abstract_state, init,
-                           data_iter if restore_position else None)
+    checkpoints = _checkpoints(config, workdir)
+    try:
+        return _loop(config, workdir, mesh, preemption, checkpoints, model, tx,
+                     abstract_state, init)
+    finally:
+        checkpoints.close()  # waits for the last write; CheckpointWriteError if it failed
+
+
+def _loop(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh,
+          preemption: Preemption, checkpoints: Checkpoints, model: nn.Module, tx,
+          abstract_state: dict, init: Callable) -> dict:
+    state, data_iter = _initial_state(config, checkpoints, abstract_state, init,
+                                      _train_data(config, get_task(config), checkpoints))
     example_log = ExampleLog(workdir) if config.data.get("log_example_ids") else None
     train_step = jit_train_step(config, model, tx, abstract_state, mesh)
     evaluator = Evaluator(config, model, mesh, workdir)
@@ -215,7 +240,8 @@ def _train(config, workdir, mesh, rules) -> dict:
                            is_main_process=jax.process_index() == 0)
     step_flops = flops.train_step_flops(config)
     peak = flops.peak_tflops(jax.local_devices()[0], jnp.dtype(config.model.dtype))
-    preemption = _Preemption()
+    # The restored (or initial) state is on disk already: nothing is lost before step 1.
+    preemption.step = preemption.saved_step = start_step = saved_at = step
     window, pending, skipped, last = [], None, 0, {}
     window_start = time.perf_counter()
 
@@ -227,13 +253,14 @@ def _train(config, workdir, mesh, rules) -> dict:
         window.append(values)
 
     try:
-        while step < config.total_steps:
+        while step < config.total_steps and not preemption.requested:
             local_batch = next(data_iter)
             if example_log:
                 example_log.write(step + 1, local_batch)
             batch = mesh_lib.global_batch(local_batch, mesh)
             state, metrics = train_step(state, batch, jax.random.fold_in(base_rng, step))
             step += 1
+            preemption.step = step
             if pending is not None:
                 collect(*pending)
             pending = (step, metrics)
@@ -249,23 +276,33 @@ def _train(config, workdir, mesh, rules) -> dict:
                             mfu=flops.mfu(step_flops, seconds, jax.device_count(), peak))
                 writer.write(step, last)
                 window, window_start = [], time.perf_counter()
+            # Preempted: no periodic evaluation (the grace period is short); the final one
+            # still runs, or a resumed run would have nothing left to evaluate.
             if config.eval_every >= 0 and (at_end or (
-                    config.eval_every and step % config.eval_every == 0)):
+                    config.eval_every and step % config.eval_every == 0
+                    and not preemption.requested)):
                 writer.write(step, evaluate_splits(config, evaluator, state["params"], step,
                                                    final=at_end))
                 window_start = time.perf_counter()  # examples/s counts training time only
             if step % config.checkpoint_every == 0 or at_end or preemption.requested:
                 checkpoints.save(step, state, data_iter, force=True)
-            if preemption.requested:
-                checkpoints.wait()
-                logging.warning("preempted: checkpoint of step %d written; exiting", step)
-                break
+                saved_at = step
+            else:
+                checkpoints.poll()  # a failed background write stops the run here
         if pending is not None:
             collect(*pending)
+        if preemption.requested:
+            if step == start_step:
+                logging.warning("preempted before the first step: nothing new to save; "
+                                "exiting")
+            else:
+                if saved_at != step:  # SIGTERM arrived after this step's checkpoint check
+                    checkpoints.save(step, state, data_iter, force=True)
+                checkpoints.wait()
+                preemption.saved_step = step
+                logging.warning("preempted: checkpoint of step %d written; exiting", step)
     finally:
-        checkpoints.close()
         writer.close()
-        preemption.restore()
         if example_log:
             example_log.close()
     return last
