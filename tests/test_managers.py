@@ -206,3 +206,20 @@ def test_first_layer_is_saue_even_for_aaue():
     with pytest.raises(ValueError, match="first cross-modal layer uses SAUE"):
         experts, previous, other = inputs()
         AAUE(manager_cfg()).init(jax.random.PRNGKey(0), experts, None, other, False)
+
+
+@pytest.mark.parametrize("logits_shape", [(4, 3, 5, 8), (4, 1, 1, 8), (4, 3, 5, 1)])
+def test_softmax_mix_gradient_matches_autodiff(logits_shape):
+    from mtower_jax.models.managers import _softmax_mix
+    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    logits = jax.random.normal(keys[0], logits_shape)
+    experts = jax.random.normal(keys[1], (4, 3, 5, 8))
+    g = jax.random.normal(keys[2], (3, 5, 8))
+    reference = lambda l, x: jnp.sum(jax.nn.softmax(l, axis=0) * x, axis=0)
+    np.testing.assert_allclose(_softmax_mix(logits, experts), reference(logits, experts),
+                               rtol=1e-6, atol=1e-6)
+    ours = jax.grad(lambda l, x: jnp.sum(g * _softmax_mix(l, x)), argnums=(0, 1))(logits, experts)
+    theirs = jax.grad(lambda l, x: jnp.sum(g * reference(l, x)), argnums=(0, 1))(logits, experts)
+    for a, b in zip(ours, theirs):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

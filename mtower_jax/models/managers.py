@@ -31,21 +31,45 @@ from mtower_jax.models.layers import Dense, Dtype, LayerNorm
 from mtower_jax.models.partitioning import logical
 
 
-def _softmax_mix(logits: jax.Array, experts: jax.Array) -> tuple[jax.Array, list[jax.Array]]:
-    """sum_n softmax_n(logits)_n * experts_n over the leading (expert) axis, written as N
-    elementwise terms: XLA:CPU runs a reduction over a leading axis ~20x slower than the same
-    arithmetic spelled out (fwd + bwd 48 ms -> 9 ms at [4, 32, 65, 256]; BENCHMARKS.md).
-
-    logits float32, broadcastable to experts [N, B, L, D] -> (mix [B, L, D], the N softmax
-    weights, each broadcastable to [B, L, D])."""
-    n = experts.shape[0]
+def _softmax_weights(logits: jax.Array, n: int) -> list[jax.Array]:
+    """softmax over the leading (expert) axis of logits [N, ...], as N elementwise terms:
+    XLA:CPU runs a reduction over a leading axis ~4x slower than the same arithmetic
+    spelled out (BENCHMARKS.md)."""
     top = functools.reduce(jnp.maximum, [logits[i] for i in range(n)])
     exps = [jnp.exp(logits[i] - top) for i in range(n)]
     total = functools.reduce(jnp.add, exps)
-    alpha = [e / total for e in exps]
+    return [e / total for e in exps]
+
+
+@jax.custom_vjp
+def _softmax_mix(logits: jax.Array, experts: jax.Array) -> jax.Array:
+    """sum_n alpha_n * experts_n, alpha = softmax_n(logits): logits float32 broadcastable to
+    experts [N, B, L, D] -> [B, L, D].
+
+    Its gradient is written out (one elementwise pass per expert):
+        d experts_n = alpha_n g,    d logits_n = alpha_n g (experts_n - mix)
+    summed over the dims logits broadcast along; autodiff of the forward took 3x longer."""
+    return _mix_forward(logits, experts)[0]
+
+
+def _mix_forward(logits: jax.Array, experts: jax.Array) -> tuple[jax.Array, tuple]:
+    alpha = _softmax_weights(logits, experts.shape[0])
     mix = functools.reduce(jnp.add, [a.astype(experts.dtype) * experts[i]
                                      for i, a in enumerate(alpha)])
-    return mix, alpha
+    return mix, (logits, experts, alpha, mix)
+
+
+def _mix_backward(residuals: tuple, g: jax.Array) -> tuple[jax.Array, jax.Array]:
+    logits, experts, alpha, mix = residuals
+    broadcast = tuple(d for d in range(1, experts.ndim) if logits.shape[d] == 1)
+    d_experts = jnp.stack([(a.astype(g.dtype) * g) for a in alpha])
+    d_logits = [a * (g * (experts[i] - mix)).astype(jnp.float32) for i, a in enumerate(alpha)]
+    d_logits = jnp.stack([jnp.sum(d, axis=tuple(x - 1 for x in broadcast), keepdims=True)
+                          if broadcast else d for d in d_logits])
+    return d_logits.reshape(logits.shape).astype(logits.dtype), d_experts
+
+
+_softmax_mix.defvjp(_mix_forward, _mix_backward)
 
 
 class _ManagerBase(nn.Module):
@@ -77,9 +101,11 @@ class _ManagerBase(nn.Module):
         if train and self.cfg.noise:
             noise = sampling.standard_normal(self.make_rng("dropout"), experts.shape)
             logits = logits + noise / num_experts
-        out, alpha = _softmax_mix(logits / self._temperature(), experts)
+        logits = logits / self._temperature()
+        out = _softmax_mix(logits, experts)
         if cross is not None:
             out = out + self._cross_weight(experts.shape[-1]).astype(self.dtype) * cross
+        alpha = _softmax_weights(jax.lax.stop_gradient(logits), num_experts)  # for reports
         weights = [jnp.broadcast_to(jnp.mean(a, axis=-1), experts.shape[1:-1]) for a in alpha]
         return out, jnp.stack(weights, axis=-1)  # [B, L, N]
 

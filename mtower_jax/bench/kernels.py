@@ -1,0 +1,111 @@
+"""The small measurements behind the step's optimisations: each alternative of one piece of
+the model, jitted and timed side by side at the `small` benchmark's shapes (batch 32, image
+tokens 65, hidden 256, 4 heads, N = 4 managed layers):
+
+    python -m mtower_jax.bench.kernels
+
+    manager_mix     sum_n softmax_n(logits) X_n, forward + backward: jax.nn.softmax over the
+                    expert axis vs N elementwise terms (autodiff) vs managers._softmax_mix
+                    (the same terms with the gradient written out)
+    dropout_mask    jax.random.bernoulli vs sampling.keep_mask (16-bit uniforms)
+    manager_noise   jax.random.normal vs sampling.standard_normal (quantile table)
+    attention       attention.py's separate Q/K/V projections vs one fused QKV matmul vs
+                    jax.nn.dot_product_attention (forward + backward)
+
+Prints one JSON line: {piece: {alternative: median ms}}.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+
+from mtower_jax.models import sampling
+from mtower_jax.models.managers import _softmax_mix, _softmax_weights
+
+_REPEATS = flags.DEFINE_integer("repeats", 20, "Timed calls per alternative.")
+B, T, D, H, N = 32, 65, 256, 4, 4
+
+
+def _ms(fn: Callable, *args, repeats: int) -> float:
+    fn = jax.jit(fn)
+    jax.block_until_ready(fn(*args))
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        seconds.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(seconds)
+
+
+def _fwd_bwd(f: Callable, argnums: tuple[int, ...]) -> Callable:
+    return jax.grad(lambda *a: jnp.sum(f(*a) ** 2), argnums=argnums)
+
+
+def _attention(fused: bool, library: bool) -> Callable:
+    def attend(x, wq, wk, wv, wo):
+        if fused:
+            qkv = jnp.tensordot(x, jnp.stack([wq, wk, wv], axis=1), 1)  # [B, T, 3, H, Dh]
+            q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        else:
+            q, k, v = (jnp.tensordot(x, w, 1) for w in (wq, wk, wv))
+        if library:
+            context = jax.nn.dot_product_attention(q, k, v)
+        else:
+            scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(q.shape[-1])
+            context = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, -1), v)
+        return jnp.tensordot(context, wo, 2)
+    return attend
+
+
+def measure(repeats: int) -> dict:
+    keys = jax.random.split(jax.random.PRNGKey(0), 8)
+    experts = jax.random.normal(keys[0], (N, B, T, D))
+    logits = jax.random.normal(keys[1], (N, B, T, D))
+    reduce_mix = lambda l, x: jnp.sum(jax.nn.softmax(l, axis=0) * x, axis=0)
+    elementwise_autodiff = lambda l, x: sum(a * x[i] for i, a in enumerate(
+        _softmax_weights(l, N)))
+    shape = (B, T, 4 * D)  # an FFN activation
+    x = jax.random.normal(keys[2], (B, T, D))
+    w = [0.02 * jax.random.normal(keys[3 + i], (D, H, D // H)) for i in range(3)]
+    wo = 0.02 * jax.random.normal(keys[6], (H, D // H, D))
+    attention = {name: _ms(_fwd_bwd(_attention(fused, library), (0, 1, 2, 3, 4)), x, *w, wo,
+                           repeats=repeats)
+                 for name, fused, library in (("separate_qkv", False, False),
+                                              ("fused_qkv", True, False),
+                                              ("dot_product_attention", False, True))}
+    return {
+        "manager_mix": {
+            "softmax_over_axis0": _ms(_fwd_bwd(reduce_mix, (0, 1)), logits, experts,
+                                      repeats=repeats),
+            "elementwise_terms": _ms(_fwd_bwd(elementwise_autodiff, (0, 1)), logits,
+                                     experts, repeats=repeats),
+            "elementwise_custom_vjp": _ms(_fwd_bwd(_softmax_mix, (0, 1)), logits, experts,
+                                          repeats=repeats)},
+        "dropout_mask": {
+            "bernoulli": _ms(lambda k: jax.random.bernoulli(k, 0.9, shape), keys[7],
+                             repeats=repeats),
+            "keep_mask_16bit": _ms(lambda k: sampling.keep_mask(k, shape, 0.9), keys[7],
+                                   repeats=repeats)},
+        "manager_noise": {
+            "jax_random_normal": _ms(lambda k: jax.random.normal(k, (N, B, T, D)), keys[7],
+                                     repeats=repeats),
+            "quantile_table": _ms(lambda k: sampling.standard_normal(k, (N, B, T, D)), keys[7],
+                                  repeats=repeats)},
+        "attention": attention,
+    }
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    print(json.dumps({"device": jax.local_devices()[0].device_kind, "shapes": dict(
+        batch=B, tokens=T, hidden=D, heads=H, experts=N), **measure(_REPEATS.value)}))
+
+
+if __name__ == "__main__":
+    app.run(main)
