@@ -4,6 +4,8 @@ tokens 65, hidden 256, 4 heads, N = 4 managed layers):
 
     python -m mtower_jax.bench.kernels
 
+    layer_norm      forward + backward at [32, 65, 256]: autodiff vs layers.layer_norm's
+                    written-out gradient; and the managers' N stacked norms
     manager_mix     sum_n softmax_n(logits) X_n, forward + backward: jax.nn.softmax over the
                     expert axis vs N elementwise terms (autodiff) vs managers._softmax_mix
                     (the same terms with the gradient written out)
@@ -26,6 +28,7 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from mtower_jax.models import sampling
+from mtower_jax.models.layers import LayerNorm, _normalise
 from mtower_jax.models.managers import _softmax_mix, _softmax_weights
 
 _REPEATS = flags.DEFINE_integer("repeats", 20, "Timed calls per alternative.")
@@ -79,7 +82,21 @@ def measure(repeats: int) -> dict:
                  for name, fused, library in (("separate_qkv", False, False),
                                               ("fused_qkv", True, False),
                                               ("dot_product_attention", False, True))}
+    def autodiff_norm(scale, bias, x):
+        return _normalise(x, 1e-5)[0] * scale + bias
+    norm = LayerNorm(1e-5)
+    ones, zeros = jnp.ones((D,)), jnp.zeros((D,))
+    stacked_norm = LayerNorm(1e-5, stacked=N)
+    stacked_vars = stacked_norm.init(keys[7], experts)
     return {
+        "layer_norm": {
+            "autodiff": _ms(_fwd_bwd(autodiff_norm, (0, 1, 2)), ones, zeros, x,
+                            repeats=repeats),
+            "custom_vjp": _ms(_fwd_bwd(lambda s, b, x: norm.apply(
+                {"params": {"scale": s, "bias": b}}, x), (0, 1, 2)), ones, zeros, x,
+                repeats=repeats),
+            "stacked_N_custom_vjp": _ms(_fwd_bwd(stacked_norm.apply, (0, 1)), stacked_vars,
+                                        experts, repeats=repeats)},
         "manager_mix": {
             "softmax_over_axis0": _ms(_fwd_bwd(reduce_mix, (0, 1)), logits, experts,
                                       repeats=repeats),
