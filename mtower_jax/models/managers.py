@@ -56,17 +56,18 @@ def _mix_forward(logits: jax.Array, experts: jax.Array) -> tuple[jax.Array, tupl
     alpha = _softmax_weights(logits, experts.shape[0])
     mix = functools.reduce(jnp.add, [a.astype(experts.dtype) * experts[i]
                                      for i, a in enumerate(alpha)])
-    return mix, (logits, experts, alpha, mix)
+    return mix, (experts, alpha, mix)
 
 
 def _mix_backward(residuals: tuple, g: jax.Array) -> tuple[jax.Array, jax.Array]:
-    logits, experts, alpha, mix = residuals
-    broadcast = tuple(d for d in range(1, experts.ndim) if logits.shape[d] == 1)
+    experts, alpha, mix = residuals
+    shape = (len(alpha),) + alpha[0].shape  # the logits' (each alpha_n has logits_n's shape)
+    broadcast = tuple(d for d in range(1, experts.ndim) if shape[d] == 1)
     d_experts = jnp.stack([(a.astype(g.dtype) * g) for a in alpha])
     d_logits = [a * (g * (experts[i] - mix)).astype(jnp.float32) for i, a in enumerate(alpha)]
     d_logits = jnp.stack([jnp.sum(d, axis=tuple(x - 1 for x in broadcast), keepdims=True)
                           if broadcast else d for d in d_logits])
-    return d_logits.reshape(logits.shape).astype(logits.dtype), d_experts
+    return d_logits.reshape(shape).astype(alpha[0].dtype), d_experts
 
 
 _softmax_mix.defvjp(_mix_forward, _mix_backward)
