@@ -212,14 +212,16 @@ def test_first_layer_is_saue_even_for_aaue():
 def test_softmax_mix_gradient_matches_autodiff(logits_shape):
     from mtower_jax.models.managers import _softmax_mix
     keys = jax.random.split(jax.random.PRNGKey(0), 3)
-    logits = jax.random.normal(keys[0], logits_shape)
+    logits = 3 * jax.random.normal(keys[0], logits_shape)
     experts = jax.random.normal(keys[1], (4, 3, 5, 8))
     g = jax.random.normal(keys[2], (3, 5, 8))
-    reference = lambda l, x: jnp.sum(jax.nn.softmax(l, axis=0) * x, axis=0)
-    np.testing.assert_allclose(_softmax_mix(logits, experts), reference(logits, experts),
-                               rtol=1e-6, atol=1e-6)
-    ours = jax.grad(lambda l, x: jnp.sum(g * _softmax_mix(l, x)), argnums=(0, 1))(logits, experts)
-    theirs = jax.grad(lambda l, x: jnp.sum(g * reference(l, x)), argnums=(0, 1))(logits, experts)
+    tau = jnp.float32(0.7)
+    reference = lambda l, t, x: jnp.sum(jax.nn.softmax(l / t, axis=0) * x, axis=0)
+    np.testing.assert_allclose(_softmax_mix(logits, tau, experts),
+                               reference(logits, tau, experts), rtol=1e-6, atol=1e-6)
+    loss = lambda f: lambda *a: jnp.sum(g * f(*a))
+    ours = jax.grad(loss(_softmax_mix), argnums=(0, 1, 2))(logits, tau, experts)
+    theirs = jax.grad(loss(reference), argnums=(0, 1, 2))(logits, tau, experts)
     for a, b in zip(ours, theirs):
-        assert a.shape == b.shape
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        assert a.shape == b.shape and a.dtype == b.dtype
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

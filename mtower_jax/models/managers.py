@@ -42,32 +42,42 @@ def _softmax_weights(logits: jax.Array, n: int) -> list[jax.Array]:
 
 
 @jax.custom_vjp
-def _softmax_mix(logits: jax.Array, experts: jax.Array) -> jax.Array:
-    """sum_n alpha_n * experts_n, alpha = softmax_n(logits): logits float32 broadcastable to
-    experts [N, B, L, D] -> [B, L, D].
+def _softmax_mix(logits: jax.Array, tau: jax.Array, experts: jax.Array) -> jax.Array:
+    """sum_n alpha_n * experts_n, alpha = softmax_n(logits / tau): logits float32
+    broadcastable to experts [N, B, L, D], tau a scalar -> [B, L, D].
 
-    Its gradient is written out (one elementwise pass per expert):
-        d experts_n = alpha_n g,    d logits_n = alpha_n g (experts_n - mix)
-    summed over the dims logits broadcast along; autodiff of the forward took 3x longer."""
-    return _mix_forward(logits, experts)[0]
+    Its gradient is written out, one elementwise pass per expert (autodiff took 3x longer,
+    and its reduction for tau over the whole [N, B, L, D] logits was most of a manager's
+    backward on XLA:CPU). With u_n = logits_n / tau:
+        d experts_n = alpha_n g,    d logits_n = alpha_n g (experts_n - mix) / tau
+        d tau = -(1/tau) sum g sum_n alpha_n log(alpha_n) (experts_n - mix)
+    (u_n may be replaced by log alpha_n: they differ by a per-element constant c, and
+    sum_n alpha_n c (experts_n - mix) = 0), so tau's reduction runs over [B, L, D] only.
+    d logits is summed over the dims logits broadcast along."""
+    return _mix_forward(logits, tau, experts)[0]
 
 
-def _mix_forward(logits: jax.Array, experts: jax.Array) -> tuple[jax.Array, tuple]:
-    alpha = _softmax_weights(logits, experts.shape[0])
+def _mix_forward(logits: jax.Array, tau: jax.Array, experts: jax.Array) -> tuple:
+    alpha = _softmax_weights(logits / tau, experts.shape[0])
     mix = functools.reduce(jnp.add, [a.astype(experts.dtype) * experts[i]
                                      for i, a in enumerate(alpha)])
-    return mix, (experts, alpha, mix)
+    return mix, (experts, alpha, mix, tau)
 
 
-def _mix_backward(residuals: tuple, g: jax.Array) -> tuple[jax.Array, jax.Array]:
-    experts, alpha, mix = residuals
+def _mix_backward(residuals: tuple, g: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    experts, alpha, mix, tau = residuals
     shape = (len(alpha),) + alpha[0].shape  # the logits' (each alpha_n has logits_n's shape)
-    broadcast = tuple(d for d in range(1, experts.ndim) if shape[d] == 1)
+    broadcast = tuple(d - 1 for d in range(1, experts.ndim) if shape[d] == 1)
+    g32 = g.astype(jnp.float32)
+    spread = [(experts[i] - mix).astype(jnp.float32) for i in range(len(alpha))]
     d_experts = jnp.stack([(a.astype(g.dtype) * g) for a in alpha])
-    d_logits = [a * (g * (experts[i] - mix)).astype(jnp.float32) for i, a in enumerate(alpha)]
-    d_logits = jnp.stack([jnp.sum(d, axis=tuple(x - 1 for x in broadcast), keepdims=True)
-                          if broadcast else d for d in d_logits])
-    return d_logits.reshape(shape).astype(alpha[0].dtype), d_experts
+    d_logits = [a * g32 * s / tau for a, s in zip(alpha, spread)]
+    d_logits = jnp.stack([jnp.sum(d, axis=broadcast, keepdims=True) if broadcast else d
+                          for d in d_logits])
+    entropy_spread = functools.reduce(jnp.add, [jax.scipy.special.xlogy(a, a) * s
+                                                for a, s in zip(alpha, spread)])
+    d_tau = -jnp.vdot(g32, jnp.broadcast_to(entropy_spread, g32.shape)) / tau
+    return d_logits.reshape(shape), d_tau.astype(tau.dtype), d_experts
 
 
 _softmax_mix.defvjp(_mix_forward, _mix_backward)
@@ -102,11 +112,11 @@ class _ManagerBase(nn.Module):
         if train and self.cfg.noise:
             noise = sampling.standard_normal(self.make_rng("dropout"), experts.shape)
             logits = logits + noise / num_experts
-        logits = logits / self._temperature()
-        out = _softmax_mix(logits, experts)
+        tau = self._temperature()
+        out = _softmax_mix(logits, tau.astype(jnp.float32), experts)
         if cross is not None:
             out = out + self._cross_weight(experts.shape[-1]).astype(self.dtype) * cross
-        alpha = _softmax_weights(jax.lax.stop_gradient(logits), num_experts)  # for reports
+        alpha = _softmax_weights(jax.lax.stop_gradient(logits / tau), num_experts)  # reports
         weights = [jnp.broadcast_to(jnp.mean(a, axis=-1), experts.shape[1:-1]) for a in alpha]
         return out, jnp.stack(weights, axis=-1)  # [B, L, N]
 
