@@ -19,14 +19,13 @@ Prints one JSON line: {piece: {alternative: median ms}}.
 from __future__ import annotations
 
 import json
-import statistics
-import time
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 from absl import app, flags
 
+from mtower_jax.bench.train_step import median_seconds
 from mtower_jax.models import sampling
 from mtower_jax.models.layers import LayerNorm, _normalise
 from mtower_jax.models.managers import _softmax_mix, _softmax_weights
@@ -36,14 +35,7 @@ B, T, D, H, N = 32, 65, 256, 4, 4
 
 
 def _ms(fn: Callable, *args, repeats: int) -> float:
-    fn = jax.jit(fn)
-    jax.block_until_ready(fn(*args))
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        seconds.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(seconds)
+    return 1e3 * median_seconds(jax.jit(fn), args, repeats)
 
 
 def _fwd_bwd(f: Callable, argnums: tuple[int, ...]) -> Callable:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import time
 from typing import Callable
 
 import jax
@@ -28,7 +27,8 @@ import jax.numpy as jnp
 import optax
 from absl import app, flags
 
-from mtower_jax.bench.train_step import OursRunner, bench_config, synthetic_batch
+from mtower_jax.bench.train_step import (OursRunner, bench_config, median_seconds,
+                                         synthetic_batch)
 from mtower_jax.train.objectives import cross_entropy_sum, gather_positions
 
 _MODEL = flags.DEFINE_enum("model", "small", ["tiny", "small", "base", "large"], "Model size.")
@@ -36,16 +36,6 @@ _TOWER = flags.DEFINE_enum("tower", "manager", ["manager", "bridge", "meter"], "
 _BATCH = flags.DEFINE_integer("batch", 32, "Global batch.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls per part.")
-
-
-def _median_seconds(fn: Callable, args: tuple, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))  # compile + warm up
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds)
 
 
 def _sum_all(tree) -> jax.Array:
@@ -107,7 +97,7 @@ def profile(model_size: str, tower: str, batch: int, dtype: str, repeats: int) -
                                                            fused["cls_feats"])), 1),
             "optimizer": (update, (params, opt_state, params), 1),
         }
-        seconds = {name: times * _median_seconds(fn, args, repeats)
+        seconds = {name: times * median_seconds(fn, args, repeats)
                    for name, (fn, args, times) in parts.items()}
         step = statistics.median(runner.run(1) for _ in range(repeats))
     total = sum(seconds.values())

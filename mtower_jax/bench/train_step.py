@@ -32,6 +32,7 @@ import json
 import statistics
 import sys
 import time
+from typing import Callable
 
 import flax.linen as nn
 import jax
@@ -106,6 +107,18 @@ def synthetic_batch(config: ml_collections.ConfigDict, seed: int = 0) -> dict:
     if k is not None:
         out["mlm_positions"] = masking.selected_positions(mlm_labels, k)
     return out
+
+
+def median_seconds(fn: Callable, args: tuple, repeats: int) -> float:
+    """Median seconds of fn(*args) over `repeats` calls after one warm-up (compile) call,
+    each drained with block_until_ready (profile_step.py and kernels.py time parts this way)."""
+    jax.block_until_ready(fn(*args))
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds)
 
 
 class OursRunner:
