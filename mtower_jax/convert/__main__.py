@@ -15,7 +15,8 @@ it with --config.init_from=OUT.
 Options: --image_size=N resizes the vision position embeddings (e.g. 224 -> 288; not for
 hf_bridgetower); --model=tiny|small|base|large picks the model the uni-modal towers are written
 into; --drop_itc_cross_modal_head leaves out HF ForContrastiveLearning's cross-modal ITC head,
-which our model has no place for.
+which our model has no place for; --scan_layers writes the encoder layers stacked, for
+model.scan_layers=True (not needed for init_from, which converts either layout).
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ FORMATS = ("hf_bridgetower", "hf_clip_vision", "openai_clip", "hf_roberta", "off
 
 
 def convert(source_format: str, src: str, image_size: int | None, model: str,
-            drop_itc_cross_modal_head: bool = False):
+            drop_itc_cross_modal_head: bool = False, scan_layers: bool = False):
     if source_format == "hf_bridgetower" and image_size:
         raise ValueError("--image_size applies to the uni-modal formats and official_ckpt; "
                          "resize a BridgeTower checkpoint when fine-tuning (init_from)")
@@ -42,17 +43,21 @@ def convert(source_format: str, src: str, image_size: int | None, model: str,
         raise ValueError("--drop_itc_cross_modal_head applies to hf_bridgetower only")
     if source_format == "official_ckpt":
         state_dict, hparams = checkpoint_files.load_lightning_checkpoint(src)
-        return official_ckpt.convert(state_dict, hparams=hparams, image_size=image_size)
+        return official_ckpt.convert(state_dict, hparams=hparams, image_size=image_size,
+                                     scan_layers=scan_layers)
     state_dict = checkpoint_files.load_state_dict(src)
     hf_config = checkpoint_files.load_hf_config(src)
     if source_format != "openai_clip" and hf_config is None:
         raise FileNotFoundError(f"{source_format} needs the HF config.json beside {src}")
     if source_format == "hf_bridgetower":
-        return hf_bridgetower.convert(state_dict, hf_config, drop_itc_cross_modal_head)
+        return hf_bridgetower.convert(state_dict, hf_config, drop_itc_cross_modal_head,
+                                      scan_layers)
+    target = model_config(model)
+    target.scan_layers = scan_layers
     if source_format == "hf_roberta":
-        return hf_roberta.convert(state_dict, hf_config, model_config(model))
+        return hf_roberta.convert(state_dict, hf_config, target)
     return hf_clip_vision.convert(state_dict, hf_config if source_format == "hf_clip_vision"
-                                  else None, model_config(model), image_size)
+                                  else None, target, image_size)
 
 
 def save(out: str, model_cfg, variables) -> None:
@@ -75,10 +80,11 @@ def main(argv=None) -> int:
     parser.add_argument("--image_size", type=int, default=None)
     parser.add_argument("--model", default="base", choices=("tiny", "small", "base", "large"))
     parser.add_argument("--drop_itc_cross_modal_head", action="store_true")
+    parser.add_argument("--scan_layers", action="store_true")
     args = parser.parse_args(argv)
     try:
         model_cfg, variables = convert(args.source_format, args.src, args.image_size, args.model,
-                                       args.drop_itc_cross_modal_head)
+                                       args.drop_itc_cross_modal_head, args.scan_layers)
     except (ValueError, FileNotFoundError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -7,7 +7,8 @@
 Keys may carry the `bridgetower.` prefix of the task models. The MLM (`mlm_score.*`), ITM
 (`itm_score.*`) and ITC heads are converted when present. HF's unused text pooler and the vision
 tower's `ln_separate` norms (only used outside BridgeTowerModel's forward) are dropped.
-`rules(model_cfg)` is the single mapping both directions use (see to_hf_bridgetower); the
+`rules(model_cfg)` is the single mapping both directions use (see to_hf_bridgetower), in the
+unrolled layer layout (`layer_{i}`; `convert(..., scan_layers=True)` stacks the result); the
 cross-modal part of it (`interface_rules`, `bridge_rules`, `head_rules`) is also the layout of
 the official BridgeTower / ManagerTower checkpoints (official_ckpt), from which HF took its names.
 
@@ -31,7 +32,7 @@ import numpy as np
 from mtower_jax.convert import hf_clip_vision, hf_roberta
 from mtower_jax.convert.keymap import (SAME, SCALAR, Layout, Rule, linear_rules, norm_rules,
                                        to_params)
-from mtower_jax.models import model_config, parameter_shapes
+from mtower_jax.models import layer_stack, model_config, parameter_shapes
 
 PREFIX = "bridgetower."
 HEAD_KEYS = {"mlm": "mlm_score.", "itm": "itm_score.", "itc": "itc_text_head."}
@@ -171,11 +172,13 @@ def _check_itc(state_dict: Mapping, model_cfg: ml_collections.ConfigDict) -> Non
                              f"range [{low}, {high}] our ITC head clamps it to")
 
 
-def convert(state_dict: Mapping, hf_config: Mapping, drop_itc_cross_modal_head: bool = False):
+def convert(state_dict: Mapping, hf_config: Mapping, drop_itc_cross_modal_head: bool = False,
+            scan_layers: bool = False):
     """HF state dict (numpy arrays) + BridgeTowerConfig.to_dict() -> (model_cfg, variables).
 
     `drop_itc_cross_modal_head`: leave out ForContrastiveLearning's `itc_cross_modal_head`,
-    which our model has no place for (see the module docstring)."""
+    which our model has no place for (see the module docstring). `scan_layers`: a model with
+    model.scan_layers, its encoder layers stacked (models/layer_stack.py)."""
     prefix = PREFIX if any(k.startswith(PREFIX) for k in state_dict) else ""
     model_cfg = model_config_from_hf(hf_config)
     model_cfg.heads = tuple(h for h, key in HEAD_KEYS.items()
@@ -194,4 +197,5 @@ def convert(state_dict: Mapping, hf_config: Mapping, drop_itc_cross_modal_head: 
     params = to_params(state_dict, mapping, parameter_shapes(model_cfg),
                        _ignored(state_dict, drop_itc_cross_modal_head),
                        what="the BridgeTower state dict", hint=hint)
-    return model_cfg, {"params": params}
+    model_cfg.scan_layers = scan_layers
+    return model_cfg, {"params": layer_stack.for_config(params, model_cfg)}

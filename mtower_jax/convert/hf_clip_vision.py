@@ -22,7 +22,7 @@ import numpy as np
 from mtower_jax.convert.keymap import (PATCH, SAME, VECTOR, Rule, linear, linear_rules,
                                        norm_rules, rows, to_params)
 from mtower_jax.convert.position_embeddings import resize_position_embedding
-from mtower_jax.models import model_config, parameter_shapes
+from mtower_jax.models import layer_stack, model_config, parameter_shapes
 
 ENCODER = "backbone/vision_encoder"
 
@@ -115,7 +115,8 @@ def convert(state_dict: Mapping, hf_config: Mapping | None,
     None) -> (model_cfg, {'params': {'backbone': {'vision_encoder': ...}}}).
 
     `model_cfg` (default: the base ManagerTower) gets its `vision` part from the checkpoint;
-    `image_size` (default: the model's) resizes the position embeddings bicubically."""
+    `image_size` (default: the model's) resizes the position embeddings bicubically. With
+    model_cfg.scan_layers the layers come stacked (models/layer_stack.py)."""
     model_cfg = model_cfg.copy_and_resolve_references() if model_cfg else model_config("base")
     target_size = image_size or model_cfg.vision.image_size
     if hf_config is None:
@@ -134,8 +135,8 @@ def convert(state_dict: Mapping, hf_config: Mapping | None,
     state_dict = resize_position_embedding(state_dict, pos_key, vision.patch_size, target_size)
     vision.image_size = target_size
     model_cfg.vision = vision
-    expected = {p: s for p, s in parameter_shapes(model_cfg).items()
+    expected = {p: s for p, s in parameter_shapes(layer_stack.unrolled(model_cfg)).items()
                 if p.startswith(ENCODER + "/")}
     params = to_params(state_dict, rules, expected, [k for k in state_dict if drop(k)],
                        what="the CLIP state dict")
-    return model_cfg, {"params": params}
+    return model_cfg, {"params": layer_stack.for_config(params, model_cfg)}

@@ -13,7 +13,7 @@ from typing import Mapping
 import ml_collections
 
 from mtower_jax.convert.keymap import SAME, VECTOR, Rule, linear, linear_rules, norm_rules, to_params
-from mtower_jax.models import model_config, parameter_shapes
+from mtower_jax.models import layer_stack, model_config, parameter_shapes
 
 ENCODER = "backbone/text_encoder"
 
@@ -69,14 +69,15 @@ def convert(state_dict: Mapping, hf_config: Mapping,
             model_cfg: ml_collections.ConfigDict | None = None):
     """RobertaModel state dict -> (model_cfg, {'params': {'backbone': {'text_encoder': ...}}}).
 
-    `model_cfg` (default: the base ManagerTower) gets its `text` part from `hf_config`."""
+    `model_cfg` (default: the base ManagerTower) gets its `text` part from `hf_config`; with
+    its scan_layers the layers come stacked (models/layer_stack.py)."""
     model_cfg = model_cfg.copy_and_resolve_references() if model_cfg else model_config("base")
     model_cfg.text = text_config(hf_config)
     prefix = "roberta." if any(k.startswith("roberta.") for k in state_dict) else ""
-    expected = {p: s for p, s in parameter_shapes(model_cfg).items()
+    expected = {p: s for p, s in parameter_shapes(layer_stack.unrolled(model_cfg)).items()
                 if p.startswith(ENCODER + "/")}
     ignore = [k for k in state_dict if k.startswith(f"{prefix}pooler.")
               or k.endswith(("position_ids", "token_type_ids"))]
     params = to_params(state_dict, text_encoder_rules(prefix, hf_config["num_hidden_layers"]),
                        expected, ignore, what="the RoBERTa state dict")
-    return model_cfg, {"params": params}
+    return model_cfg, {"params": layer_stack.for_config(params, model_cfg)}

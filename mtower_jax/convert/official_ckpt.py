@@ -63,7 +63,7 @@ from mtower_jax.convert.keymap import (SAME, SCALAR, VECTOR, ConversionError, La
                                        linear_rules, norm_rules, squeeze, to_params,
                                        to_state_dict)
 from mtower_jax.convert.position_embeddings import resize_position_embedding
-from mtower_jax.models import model_config, parameter_shapes
+from mtower_jax.models import layer_stack, model_config, parameter_shapes
 
 TEXT = "text_transformer."
 VISION = "vit_model.visual."
@@ -338,7 +338,8 @@ def convert(state_dict: Mapping[str, np.ndarray],
     model_cfg: the target config; by default read off the checkpoint (`model_config_from_ckpt`)
       with `hparams`, the .ckpt's `hyper_parameters` (or the official config dict in it).
     image_size: resize the vision position embeddings bicubically to this image size.
-    overrides: dotted config keys set last, e.g. **{'text.num_heads': 16}.
+    overrides: dotted config keys set last, e.g. **{'text.num_heads': 16}, or scan_layers=True
+      (the encoder layers stacked, models/layer_stack.py).
     Every missing, unexpected or mis-shaped key is reported together (ConversionError)."""
     if model_cfg is None:
         model_cfg = model_config_from_ckpt(state_dict, hparams)
@@ -349,15 +350,18 @@ def convert(state_dict: Mapping[str, np.ndarray],
         state_dict = resize_position_embedding(state_dict, POSITIONS, model_cfg.vision.patch_size,
                                                image_size)
         model_cfg.vision.image_size = image_size
-    params = to_params(state_dict, rules(model_cfg), _split_rows(parameter_shapes(model_cfg)),
+    shapes = parameter_shapes(layer_stack.unrolled(model_cfg))  # the layout of the key map
+    params = to_params(state_dict, rules(model_cfg), _split_rows(shapes),
                        ignored(state_dict, model_cfg), what="the official checkpoint", hint=HINT)
     flat = _stack_rows(traverse_util.flatten_dict(params, sep="/"))
-    return model_cfg, {"params": traverse_util.unflatten_dict(flat, sep="/")}
+    params = traverse_util.unflatten_dict(flat, sep="/")
+    return model_cfg, {"params": layer_stack.for_config(params, model_cfg)}
 
 
 def export(params: Mapping, model_cfg: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
     """Our params -> the official state dict (torch.load_state_dict(..., strict=False) fills
-    all but the dropped keys)."""
+    all but the dropped keys). Either layer layout."""
+    params = layer_stack.unstack_layers(params)
     flat = _split_rows({k: np.asarray(v) for k, v in
                         traverse_util.flatten_dict(params, sep="/").items()})
     mapping = rules(model_cfg)

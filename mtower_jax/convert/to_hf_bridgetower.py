@@ -17,6 +17,7 @@ import numpy as np
 
 from mtower_jax.convert.hf_bridgetower import PREFIX, rules
 from mtower_jax.convert.keymap import to_state_dict
+from mtower_jax.models import layer_stack
 
 
 def hf_config(model_cfg: ml_collections.ConfigDict) -> dict:
@@ -49,9 +50,11 @@ def hf_config(model_cfg: ml_collections.ConfigDict) -> dict:
 
 
 def export(params, model_cfg: ml_collections.ConfigDict) -> tuple[dict[str, np.ndarray], dict]:
+    """(state dict, BridgeTowerConfig dict) of our params, in either layer layout."""
     config = hf_config(model_cfg)
     heads = [h for h in model_cfg.heads if h in ("mlm", "itm")]
-    state_dict = to_state_dict(params, rules(model_cfg, PREFIX if heads else ""))
+    state_dict = to_state_dict(layer_stack.unstack_layers(params),
+                               rules(model_cfg, PREFIX if heads else ""))
     return state_dict, config
 
 

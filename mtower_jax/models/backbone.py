@@ -43,8 +43,9 @@ class Backbone(nn.Module):
     def setup(self):
         c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         d = c.cross.hidden_size
-        self.text_encoder = TextEncoder(c.text, remat=c.remat, **kw)
-        self.vision_encoder = VisionEncoder(c.vision, remat=c.remat, **kw)
+        layers = dict(remat=c.remat, scan_layers=c.get("scan_layers", False))
+        self.text_encoder = TextEncoder(c.text, **layers, **kw)
+        self.vision_encoder = VisionEncoder(c.vision, **layers, **kw)
         # ("embed", "mlp") rather than ("embed", "embed"): a mesh axis may appear once per spec.
         if c.share_transform:
             self.text_transform = Dense(d, ("embed", "mlp"), **kw)

@@ -9,6 +9,13 @@
   bridge                type ('add' | 'scaled_add' | 'interpolate'), layer_norm_eps
   heads                 which task heads to build, and their sizes
   dtype / param_dtype   compute and parameter dtypes; remat: rematerialise every layer
+  scan_layers           run each uni-modal encoder's identical layers as one nn.scan (one
+                        compiled layer body instead of num_layers copies: faster, leaner
+                        compiles). Parameters: `layers/...` stacked [num_layers, ...] instead of
+                        `layer_{i}/...` (models/layer_stack.py converts; the checkpoint
+                        importers, exporters and init_from do so themselves). With remat the
+                        scanned body is rematerialised. The cross-modal layers stay unrolled:
+                        each has its own manager / bridge inputs.
 """
 from __future__ import annotations
 
@@ -73,6 +80,7 @@ def model_config(size: str = "tiny", tower: str = "manager") -> ml_collections.C
         dtype="float32",
         param_dtype="float32",
         remat=False,
+        scan_layers=False,
     ))
 
 
@@ -93,6 +101,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     one_of("bridge.type", cfg.bridge.type, BRIDGE_TYPES)
     one_of("dtype", cfg.dtype, DTYPES)
     one_of("param_dtype", cfg.param_dtype, DTYPES)
+    for key in ("remat", "scan_layers"):
+        check(isinstance(cfg.get(key, False), bool), f"model.{key}={cfg.get(key)!r} must be a bool")
     for name in cfg.heads:
         one_of("heads", name, HEADS)
     check(len(set(cfg.heads)) == len(cfg.heads), f"model.heads={cfg.heads} repeats a head")

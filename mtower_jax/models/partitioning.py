@@ -11,6 +11,11 @@ Parameter axes
 Activation axes
   act_batch, act_len, act_embed, act_heads, act_kv, act_mlp
 
+`layers` is the leading dim of model.scan_layers' stacked encoder parameters ([num_layers,
+embed, ...]: the scan takes one layer's slice per step) and the rows of the managers' layer
+embeddings. Every preset maps it to no mesh axis, so a stacked parameter is split exactly as
+one layer's is (its other dims keep their rules) and each device holds every layer's shard.
+
 `config.logical_axis_rules` names a preset (or, in a config file, gives the pairs):
 
   data         pure data parallelism: the batch is split over (data, fsdp), every parameter
@@ -53,7 +58,8 @@ _FSDP = (("embed", "fsdp"), ("mlp", "fsdp"))  # mlp: biases and [mlp] LayerNorm-
 _TENSOR = (("heads", "tensor"), ("mlp", "tensor"), ("act_heads", "tensor"),
            ("act_mlp", "tensor"))
 
-# (logical name, mesh axes or None), first match per dim. Presets for config.logical_axis_rules.
+# (logical name, mesh axes or None), first match per dim. Presets for config.logical_axis_rules;
+# the names a preset leaves out (`layers`, `vocab`, ...) are replicated (_complete).
 RULE_PRESETS: dict[str, Rules] = {
     "data": _complete(_BATCH),
     "fsdp": _complete(_BATCH + _FSDP),

@@ -2,6 +2,10 @@
 
     x_0 = LN(E_tok[ids] + E_pos[pos] + E_type[0]),   pos = pad + cumsum(ids != pad) (pad tokens keep pos = pad)
     x_l = LN(y + FFN(y)),  y = LN(x_{l-1} + SelfAttn(x_{l-1}))          (BERT-style post-LN)
+
+The layers are `layer_{i}` modules, or with `scan_layers` (model.scan_layers) one nn.scan
+over a module `layers` whose parameters are stacked [num_layers, ...] (models/layer_stack.py);
+both give the same outputs.
 """
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import ml_collections
 
 from mtower_jax.models.attention import MultiHeadAttention
 from mtower_jax.models.feedforward import FeedForward
+from mtower_jax.models.layer_stack import STACKED, layer_outputs, scanned
 from mtower_jax.models.layers import Dropout, Dtype, Embed, LayerNorm
 from mtower_jax.models.partitioning import constrain
 
@@ -39,6 +44,7 @@ class TextLayer(nn.Module):
 class TextEncoder(nn.Module):
     cfg: ml_collections.FrozenConfigDict  # model.text
     remat: bool = False
+    scan_layers: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -58,8 +64,12 @@ class TextEncoder(nn.Module):
         x = LayerNorm(c.layer_norm_eps, name="embeddings_norm", **kw)(x)
         x = constrain(Dropout(c.dropout, deterministic=not train)(x), ACT)
 
-        layer = nn.remat(TextLayer, static_argnums=(3,)) if self.remat else TextLayer
         mask = attention_mask.astype(bool)
+        if self.scan_layers:  # one nn.scan over `layers` (layer_stack.py)
+            layer = scanned(TextLayer, c.num_layers, 2, self.remat)
+            _, ys = layer(c, name=STACKED, **kw)(x, mask, train)
+            return {"hidden_states": layer_outputs(ys), "outputs": ys[c.num_layers - num_outputs:]}
+        layer = nn.remat(TextLayer, static_argnums=(3,)) if self.remat else TextLayer
         hidden_states = []
         for i in range(c.num_layers):
             x = layer(c, name=f"layer_{i}", **kw)(x, mask, train)

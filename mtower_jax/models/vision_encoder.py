@@ -4,6 +4,9 @@
     x_l = y + MLP(ln_2(y)),  y = x_{l-1} + SelfAttn(ln_1(x_{l-1}))      (pre-LN, QuickGELU)
 
 Every layer output sent to the cross-modal side passes through the one shared `ln_post`.
+The layers are `layer_{i}` modules, or with `scan_layers` (model.scan_layers) one nn.scan
+over a module `layers` whose parameters are stacked [num_layers, ...] (models/layer_stack.py);
+both give the same outputs.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import ml_collections
 
 from mtower_jax.models.attention import MultiHeadAttention
 from mtower_jax.models.feedforward import FeedForward
+from mtower_jax.models.layer_stack import STACKED, layer_outputs, scanned
 from mtower_jax.models.layers import INIT_STD, Dense, Dropout, Dtype, LayerNorm
 from mtower_jax.models.partitioning import constrain, logical
 
@@ -50,6 +54,7 @@ class VisionLayer(nn.Module):
 class VisionEncoder(nn.Module):
     cfg: ml_collections.FrozenConfigDict  # model.vision
     remat: bool = False
+    scan_layers: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -75,11 +80,17 @@ class VisionEncoder(nn.Module):
         x = jnp.concatenate([cls, patches], axis=1) + pos.astype(self.dtype)
         x = constrain(LayerNorm(c.layer_norm_eps, name="ln_pre", **kw)(x), ACT)
 
-        layer = nn.remat(VisionLayer, static_argnums=(2,)) if self.remat else VisionLayer
-        hidden_states = []
-        for i in range(c.num_layers):
-            x = layer(c, name=f"layer_{i}", **kw)(x, train)
-            hidden_states.append(x)
+        if self.scan_layers:  # one nn.scan over `layers` (layer_stack.py)
+            layer = scanned(VisionLayer, c.num_layers, 1, self.remat)
+            _, ys = layer(c, name=STACKED, **kw)(x, train)
+            hidden_states, outputs = layer_outputs(ys), ys[c.num_layers - num_outputs:]
+        else:
+            layer = nn.remat(VisionLayer, static_argnums=(2,)) if self.remat else VisionLayer
+            hidden_states = []
+            for i in range(c.num_layers):
+                x = layer(c, name=f"layer_{i}", **kw)(x, train)
+                hidden_states.append(x)
+            hidden_states = tuple(hidden_states)
+            outputs = jnp.stack(hidden_states[c.num_layers - num_outputs:])
         ln_post = LayerNorm(c.layer_norm_eps, name="ln_post", **kw)
-        outputs = jnp.stack(hidden_states[c.num_layers - num_outputs:])
-        return {"hidden_states": tuple(hidden_states), "outputs": ln_post(outputs)}
+        return {"hidden_states": hidden_states, "outputs": ln_post(outputs)}

@@ -41,7 +41,8 @@ step crosses the slow network) unless a dcn_* size is set already.
 Caveats (docs/SCALING.md): trust these TPU temporaries, not a CPU-compiled program's (XLA:CPU
 fuses and schedules differently; the tiny model's differ by up to 5x); cost_analysis counts
 a loop body once, so with config.grad_accum_steps=k (a scan over micro-batches) XLA's flops
-are about 1/k of the step's. `--hlo=PATH` writes the compiled program for a closer look.
+are about 1/k of the step's, and with model.scan_layers the encoders' layers count once.
+`--hlo=PATH` writes the compiled program for a closer look.
 """
 from __future__ import annotations
 
@@ -263,6 +264,7 @@ def report(config: ml_collections.ConfigDict, topology: str, num_slices: int,
             result.mesh.shape[a] for a in ("data", "fsdp")),
         grad_accum_steps=config.grad_accum_steps, dtype=config.model.dtype,
         param_dtype=config.model.param_dtype, remat=config.model.remat,
+        scan_layers=bool(config.model.get("scan_layers", False)),
         **{f"{name}_bytes": size for name, size in sizes.items()},
         total_bytes=total, peak_bytes=memory.peak_memory_in_bytes, hbm_bytes=hbm,
         fits=None if hbm is None else total <= hbm,
@@ -295,7 +297,8 @@ def format_report(r: dict) -> str:
         f"{r['devices']} x {r['device_kind']}; mesh {r['mesh']}, rules {r['rules']}",
         f"task {r['task']}: batch {r['batch_size']} ({r['per_device_batch']} per device, "
         f"grad_accum_steps {r['grad_accum_steps']}), dtype {r['dtype']} (params "
-        f"{r['param_dtype']}), remat {r['remat']}; compiled in {r['compile_seconds']} s",
+        f"{r['param_dtype']}), remat {r['remat']}, scan_layers {r.get('scan_layers', False)}; "
+        f"compiled in {r['compile_seconds']} s",
         "per device:",
         f"  arguments  {_gib(r['argument_bytes'])} (params {_gib(r['params_bytes'])} + "
         f"optimizer {_gib(r['opt_state_bytes'])} unpadded, + batch)",
@@ -338,7 +341,8 @@ def out_of_memory_message(config: ml_collections.ConfigDict, topology: str, num_
         f"({len(devices)} x {devices[0].device_kind}, {_gib(hbm_bytes(devices[0]))} HBM each)",
         f"  mesh {mesh} dcn {dcn}, rules "
         f"{config.logical_axis_rules}, batch {config.batch_size} (grad_accum_steps "
-        f"{config.grad_accum_steps}), dtype {config.model.dtype}, remat {config.model.remat}",
+        f"{config.grad_accum_steps}), dtype {config.model.dtype}, remat {config.model.remat}, "
+        f"scan_layers {config.model.get('scan_layers', False)}",
         f"  compiler: {numbers}",
         "  try: " + "\n       ".join(hints),
     ])

@@ -14,7 +14,9 @@ Not counted: embedding gathers, LayerNorm, softmax, activations, residual adds, 
 managers' expert mix sum_n alpha_n X_n and the losses (elementwise; XLA's own count includes
 them, hence its larger total, see tests/test_flops.py), and the recomputation of
 `model.remat` (MFU counts the model's FLOPs, not the hardware's). Padding tokens cost the
-same as real ones: the model always runs on `max_text_len` tokens.
+same as real ones: the model always runs on `max_text_len` tokens. `model.scan_layers` changes
+nothing: a scanned encoder does the same matmuls, num_layers times (traced_matmul_flops counts
+a scan body `length` times; XLA's cost_analysis counts it once).
 
 The work of one example is described by `passes`, a dict of counts per example:
 

@@ -11,7 +11,9 @@ missing and unexpected ones too; so is a source that shares no parameter with th
 A training checkpoint's params are checked against the fingerprints saved with them
 (train/checkpoints.py): a corrupt file is an error, not a silent mix.
 
-Two shapes legitimately change from pretraining to fine-tuning and are adapted first:
+The encoder layers of a source in the other layout (`layer_{i}/...` vs model.scan_layers'
+stacked `layers/...`, models/layer_stack.py) are converted to the model's first. Two shapes
+legitimately change from pretraining to fine-tuning and are adapted too:
   - the ViT position table follows the image size (288 -> 384 / 576): the class row is
     kept, the grid resized bicubically (convert/position_embeddings.py);
   - NLVR2's third token type (its second image) starts as a copy of the image row.
@@ -25,6 +27,7 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 
 from mtower_jax.convert.position_embeddings import resize
+from mtower_jax.models.layer_stack import match_layout
 from mtower_jax.train.checkpoints import FINGERPRINT, fingerprints, latest_complete_step
 
 VISION_POSITIONS = "backbone/vision_encoder/position_embedding"
@@ -104,10 +107,12 @@ def merge_params(fresh: dict, source: dict, what: str) -> tuple[dict, dict]:
     """(params, report): `fresh` with every leaf that `source` has replaced by it.
 
     report = {'loaded': [...], 'fresh': [...], 'ignored': [...], 'adapted': [...]} as
-    '/'-joined paths (adapted: notes on reshaped leaves).
+    '/'-joined paths (adapted: notes on re-laid-out encoders and reshaped leaves).
     """
     fresh_flat = traverse_util.flatten_dict(fresh, sep="/")
+    source, relaid = match_layout(source, fresh)
     source_flat, adapted = adapt_source(traverse_util.flatten_dict(source, sep="/"), fresh_flat)
+    adapted = relaid + adapted
     mismatched = [f"  {k}: {what} has {tuple(np.shape(source_flat[k]))}, the model "
                   f"{tuple(np.shape(v))}" for k, v in sorted(fresh_flat.items())
                   if k in source_flat and tuple(np.shape(source_flat[k])) != tuple(np.shape(v))]
