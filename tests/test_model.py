@@ -111,6 +111,51 @@ def test_jit_forward_eval_is_deterministic_train_is_not(tower_model):
     np.testing.assert_allclose(np.mean(normed, -1), 0.0, atol=1e-4)
 
 
+def test_prepared_image_fuses_as_the_raw_encoding(tower_model):
+    # prepare_image takes the image stream's cross-modal inputs once; gathering its rows
+    # (ITM negatives) must equal fusing the gathered raw encoding.
+    from mtower_jax.train.objectives import select_images
+    cfg, model, variables = tower_model
+    inputs = random_inputs(cfg, batch_size=3)
+    index = jnp.array([2, 0, 0])
+
+    def fuse(m, prepared: bool):
+        bb = m.backbone
+        text = bb.encode_text(inputs["input_ids"], inputs["attention_mask"], False)
+        image = bb.encode_image(inputs["pixel_values"], False)
+        image = bb.prepare_image(image) if prepared else image
+        return bb.fuse(text, inputs["attention_mask"], select_images(image, index), False)
+
+    raw, prepared = (model.apply(variables, p, method=fuse) for p in (False, True))
+    for key in ("text_feats", "image_feats", "cls_feats"):
+        np.testing.assert_allclose(prepared[key], raw[key], rtol=1e-6, atol=1e-6, err_msg=key)
+
+
+def test_last_layer_at_chosen_positions_equals_the_full_rows(tower_model):
+    # fuse(text_positions=, image_positions=) runs the last cross-modal layer for those
+    # queries only (MLM: the masked positions, ITM: [CLS]); its rows must be the full ones.
+    cfg, model, variables = tower_model
+    inputs = random_inputs(cfg, batch_size=3)
+    text_at = jnp.array([[0, 5, 2], [7, 7, 1], [3, 0, 9]], jnp.int32)
+    image_at = jnp.zeros((3, 1), jnp.int32)
+
+    def fuse(m, **positions):
+        bb = m.backbone
+        text = bb.encode_text(inputs["input_ids"], inputs["attention_mask"], False)
+        image = bb.encode_image(inputs["pixel_values"], False)
+        return bb.fuse(text, inputs["attention_mask"], image, False, **positions)
+
+    full = model.apply(variables, method=fuse)
+    part = model.apply(variables, method=fuse, text_positions=text_at, image_positions=image_at)
+    np.testing.assert_allclose(part["text_feats"], np.take_along_axis(
+        full["text_feats"], np.asarray(text_at)[..., None], 1), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(part["image_feats"], full["image_feats"][:, :1], rtol=1e-5,
+                               atol=1e-5)
+    pooled = model.apply(variables, method=fuse, text_positions=image_at,
+                         image_positions=image_at)
+    np.testing.assert_allclose(pooled["cls_feats"], full["cls_feats"], rtol=1e-5, atol=1e-5)
+
+
 def test_padding_does_not_change_real_tokens():
     # Extra padding must not change anything the real tokens see: RoBERTa positions skip pads
     # and every attention over text is masked. (The AAUE query attention is unmasked by

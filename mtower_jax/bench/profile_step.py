@@ -5,8 +5,8 @@ forward + backward, on the benchmark's batch (bench/train_step.py):
 
     image encoder   encode_image(pixels), once per step
     text encoder    encode_text(ids) x 2 (masked text for MLM, clean text for ITM)
-    fusion_mlm      fuse(...) read for MLM: the text stream only (XLA drops the image
-                    stream's last layer and the poolers)
+    fusion_mlm      fuse(...) read for MLM: the text stream's last layer at the masked
+                    positions only (XLA drops the image stream's last layer and the poolers)
     fusion_itm      fuse(...) read for ITM: the poolers. Each fusion holds the transforms,
                     the managers / bridges and the cross-modal layers
     heads + losses  MLM head at the masked positions, ITM head, cross-entropies
@@ -29,7 +29,7 @@ from absl import app, flags
 
 from mtower_jax.bench.train_step import (OursRunner, bench_config, median_seconds,
                                          synthetic_batch)
-from mtower_jax.train.objectives import cross_entropy_sum, gather_positions
+from mtower_jax.train.objectives import cross_entropy_sum
 
 _MODEL = flags.DEFINE_enum("model", "small", ["tiny", "small", "base", "large"], "Model size.")
 _TOWER = flags.DEFINE_enum("tower", "manager", ["manager", "bridge", "meter"], "Tower.")
@@ -65,17 +65,18 @@ def profile(model_size: str, tower: str, batch: int, dtype: str, repeats: int) -
         image = jax.jit(lambda p, px: apply(encode_image, p, px))(params, b["pixel_values"])
         text = jax.jit(lambda p, ids: apply(encode_text, p, ids, mask))(params, b["input_ids"])
 
-        def fuse(p, encoded):
+        def fuse(p, encoded, **positions):  # as objectives.pretrain_forward reads them
             t, i = encoded
-            return apply(lambda m, t, i: m.backbone.fuse(t, mask, i, True), p, t, i)
-        fused = jax.jit(fuse)(params, (text, image))
+            return apply(lambda m, t, i: m.backbone.fuse(t, mask, i, True, **positions), p, t, i)
+        mlm_read, itm_read = dict(text_positions=b["mlm_positions"]), {}
+        mlm_feats = jax.jit(lambda p, e: fuse(p, e, **mlm_read))(params, (text, image))
+        cls_feats = jax.jit(lambda p, e: fuse(p, e, **itm_read))(params, (text, image))
 
         def heads(p, feats):
             text_feats, cls_feats = feats
             def forward(m, text_feats, cls_feats):
-                k_feats, labels = gather_positions(text_feats, b["mlm_labels"],
-                                                   b["mlm_positions"])
-                mlm = m.head("mlm")({"text_feats": k_feats}, True)["mlm_logits"]
+                labels = jnp.take_along_axis(b["mlm_labels"], b["mlm_positions"], axis=1)
+                mlm = m.head("mlm")({"text_feats": text_feats}, True)["mlm_logits"]
                 itm = m.head("itm")({"cls_feats": cls_feats}, True)["itm_logits"]
                 valid = jnp.ones(labels.shape[0], bool)
                 return (cross_entropy_sum(mlm, labels, labels >= 0)[0]
@@ -89,12 +90,12 @@ def profile(model_size: str, tower: str, batch: int, dtype: str, repeats: int) -
                               (params, b["pixel_values"]), 1),
             "text_encoder": (grad_of(lambda p, ids: apply(encode_text, p, ids, mask)["outputs"],
                                      argnums=(0,)), (params, b["input_ids"]), 2),
-            "fusion_mlm": (grad_of(lambda p, e: fuse(p, e)["text_feats"]),
+            "fusion_mlm": (grad_of(lambda p, e: fuse(p, e, **mlm_read)["text_feats"]),
                            (params, (text, image)), 1),
-            "fusion_itm": (grad_of(lambda p, e: fuse(p, e)["cls_feats"]),
+            "fusion_itm": (grad_of(lambda p, e: fuse(p, e, **itm_read)["cls_feats"]),
                            (params, (text, image)), 1),
-            "heads_and_losses": (grad_of(heads), (params, (fused["text_feats"],
-                                                           fused["cls_feats"])), 1),
+            "heads_and_losses": (grad_of(heads), (params, (mlm_feats["text_feats"],
+                                                           cls_feats["cls_feats"])), 1),
             "optimizer": (update, (params, opt_state, params), 1),
         }
         seconds = {name: times * median_seconds(fn, args, repeats)

@@ -74,8 +74,16 @@ class Backbone(nn.Module):
         return self.vision_encoder(pixel_values, train, num_uni_modal_inputs(self.cfg))
 
     def fuse(self, text: dict, attention_mask: jax.Array, image: dict, train: bool,
-             image_token_type_idx: int = 1) -> dict:
-        """Runs the cross-modal stacks on encoded text and image.
+             image_token_type_idx: int = 1, *, text_positions: jax.Array | None = None,
+             image_positions: jax.Array | None = None) -> dict:
+        """Runs the cross-modal stacks on encoded text and image (encode_image's outputs, or
+        prepare_image's, whose token type was set there).
+
+        text_positions / image_positions [B, P] int: the tokens of each stream's last
+        cross-modal layer that the caller reads (MLM: the masked positions; the poolers:
+        [[0]] * B); that layer runs for those queries only, and text_feats / image_feats
+        are then [B, P, D], the full layer's rows at those positions. None: every token.
+        The poolers read row 0, so cls_feats is [CLS]'s only when both start with 0.
 
         Returns text_feats [B, L, D], image_feats [B, 1+P, D], cls_feats [B, 2D], the top
         uni-modal features unimodal_text_feats [B, L, D_text] / unimodal_image_feats
@@ -83,18 +91,20 @@ class Backbone(nn.Module):
         (cross_text_hidden_states, cross_image_hidden_states), and for the manager tower manager_weights
         {'text': [layers, B, L, N], 'image': [layers, B, 1+P, N]}.
         """
-        types = self.token_type_embeddings.table()
-        x_inputs = self.text_inputs.prepare(self._transform("text", text["outputs"]) + types[0])
-        y_inputs = self.image_inputs.prepare(
-            self._transform("image", image["outputs"]) + types[image_token_type_idx])
+        x_inputs = self._cross_inputs("text", text["outputs"], 0)
+        y_inputs = (image["cross_inputs"] if "cross_inputs" in image else
+                    self._cross_inputs("image", image["outputs"], image_token_type_idx))
         text_mask, image_mask = attention_mask.astype(bool), None  # every image token is real
         x = y = None
         text_weights, image_weights, text_states, image_states = [], [], [], []
+        last = self.cfg.cross.num_layers - 1
         for l in range(self.cfg.cross.num_layers):
             x_in, wx = self.text_inputs(l, x_inputs, x, y, train)
             y_in, wy = self.image_inputs(l, y_inputs, y, x, train)
-            x = self.text_cross_layers[l](x_in, y_in, text_mask, image_mask, train)
-            y = self.image_cross_layers[l](y_in, x_in, image_mask, text_mask, train)
+            x = self.text_cross_layers[l](x_in, y_in, text_mask, image_mask, train,
+                                          text_positions if l == last else None)
+            y = self.image_cross_layers[l](y_in, x_in, image_mask, text_mask, train,
+                                           image_positions if l == last else None)
             text_weights.append(wx)
             image_weights.append(wy)
             text_states.append(x)
@@ -116,12 +126,23 @@ class Backbone(nn.Module):
                                       "image": jnp.stack(image_weights)}
         return out
 
-    def _transform(self, stream: str, layers: jax.Array) -> jax.Array:
-        """The linear uni-modal -> cross-modal map, [k, B, T, D_uni] -> [k, B, T, D]."""
+    def prepare_image(self, image: dict, image_token_type_idx: int = 1) -> dict:
+        """encode_image's outputs + 'cross_inputs' [k, B, 1+P, D], what the image stream sends
+        across (transform, token type, the tower's `prepare`), for several fusions of one
+        encoding (pretraining's MLM and ITM): taken, and differentiated, once. Rows may then
+        be gathered along the batch (axis 1), as ITM negatives are."""
+        return {**image, "cross_inputs": self._cross_inputs("image", image["outputs"],
+                                                            image_token_type_idx)}
+
+    def _cross_inputs(self, stream: str, layers: jax.Array, token_type: int) -> jax.Array:
+        """Uni-modal layers [k, B, T, D_uni] -> the stream's tower inputs [k, B, T, D]:
+        the linear uni-modal -> cross-modal map, the token-type embedding, `prepare`."""
         if self.cfg.share_transform:
-            return getattr(self, f"{stream}_transform")(layers)
-        transforms = getattr(self, f"{stream}_transforms")
-        return jnp.stack([t(x) for t, x in zip(transforms, layers)])
+            x = getattr(self, f"{stream}_transform")(layers)
+        else:
+            x = jnp.stack([t(u) for t, u in zip(getattr(self, f"{stream}_transforms"), layers)])
+        inputs = getattr(self, f"{stream}_inputs")
+        return inputs.prepare(x + self.token_type_embeddings.table()[token_type])
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array, pixel_values: jax.Array,
                  train: bool = False, image_token_type_idx: int = 1) -> dict:

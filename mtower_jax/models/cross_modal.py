@@ -6,6 +6,11 @@
 
 The text and image streams each have their own stack; layer l of both streams reads the
 inputs of layer l of both streams (symmetric co-attention), which the backbone arranges.
+
+With `positions` [B, P] the layer is computed for those P tokens only: they are the queries
+of both attentions and the only rows of the residuals and FFN, while keys and values still
+come from all of x and other. Each output row equals the full layer's row at that position
+(the last layer's rows nobody reads, e.g. all but [CLS] for ITM, are then never computed).
 """
 from __future__ import annotations
 
@@ -27,13 +32,16 @@ class CrossModalLayer(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, other: jax.Array, mask: jax.Array | None,
-                 other_mask: jax.Array | None, train: bool) -> jax.Array:
-        """x [B, L, D], other [B, L', D], masks [B, L] / [B, L'] bool or None -> [B, L, D]."""
+                 other_mask: jax.Array | None, train: bool,
+                 positions: jax.Array | None = None) -> jax.Array:
+        """x [B, L, D], other [B, L', D], masks [B, L] / [B, L'] bool or None, positions
+        [B, P] int or None -> [B, L, D] ([B, P, D] with positions)."""
         c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         drop = Dropout(c.dropout, deterministic=not train)
+        queries = x if positions is None else jnp.take_along_axis(x, positions[..., None], 1)
         a = MultiHeadAttention(c.num_heads, c.attention_dropout, name="attention", **kw)(
-            x, x, mask, train)
-        x = LayerNorm(c.layer_norm_eps, name="attention_norm", **kw)(x + drop(a))
+            queries, x, mask, train)
+        x = LayerNorm(c.layer_norm_eps, name="attention_norm", **kw)(queries + drop(a))
         a = MultiHeadAttention(c.num_heads, c.attention_dropout, name="cross_attention", **kw)(
             x, other, other_mask, train)
         x = LayerNorm(c.layer_norm_eps, name="cross_attention_norm", **kw)(x + drop(a))

@@ -22,9 +22,15 @@ The work of one example is described by `passes`, a dict of counts per example:
 
     text_encodes       RoBERTa passes over max_text_len tokens
     image_encodes      CLIP-ViT passes over 1 + (image_size / patch_size)^2 tokens
-    fusions            cross-modal passes whose image stream is read (ITM: the poolers)
+    fusions            cross-modal passes whose every output is computed (model.__call__)
+    prepared_fusions   cross-modal passes (every output computed) on images whose transform
+                       prepare_image took (ITM in pretraining and retrieval)
     text_only_fusions  cross-modal passes of which only the text stream's output is read
-                       (MLM): XLA drops the last image-stream layer and the poolers as dead code
+                       (MLM): its last text layer runs for the mlm_positions queries, and XLA
+                       drops the last image-stream layer and the poolers as dead code
+    image_prepares     image transforms into the cross-modal width taken once, outside the
+                       fusions (Backbone.prepare_image): prepared and text-only fusions
+                       read prepared images, so their own image transform is not counted
     mlm_positions      text positions run through the MLM head: the cap k of masked
                        positions objectives.py gathers (config.mlm_max_predictions), or
                        max_text_len when it decodes every position
@@ -49,7 +55,8 @@ import numpy as np
 from mtower_jax.data.examples import mlm_max_predictions
 from mtower_jax.models.towers import num_uni_modal_inputs
 
-PASS_KEYS = ("text_encodes", "image_encodes", "fusions", "text_only_fusions", "mlm_positions",
+PASS_KEYS = ("text_encodes", "image_encodes", "fusions", "prepared_fusions", "text_only_fusions",
+             "image_prepares", "mlm_positions",
              "itm", "itc_batch")
 TRAIN_FACTOR = 3  # forward + backward (2x forward)
 
@@ -63,10 +70,13 @@ def _attention(q_len: int, kv_len: int, width: int) -> float:
             + 4.0 * q_len * kv_len * width)
 
 
-def _block(q_len: int, width: int, mlp_dim: int, *, cross_len: int = 0) -> float:
-    """One transformer layer of q_len tokens; with cross_len, plus cross-attention to them."""
+def _block(q_len: int, width: int, mlp_dim: int, *, cross_len: int = 0,
+           kv_len: int | None = None) -> float:
+    """One transformer layer of q_len tokens (queries) over kv_len (default q_len) keys;
+    with cross_len, plus cross-attention to them."""
     cross = _attention(q_len, cross_len, width) if cross_len else 0.0
-    return _attention(q_len, q_len, width) + cross + _dense(q_len, width, 2 * mlp_dim)
+    self_attention = _attention(q_len, q_len if kv_len is None else kv_len, width)
+    return self_attention + cross + _dense(q_len, width, 2 * mlp_dim)
 
 
 def sequence_lengths(model_cfg: ml_collections.ConfigDict) -> tuple[int, int]:
@@ -92,24 +102,41 @@ def _aaue_flops(q_len: int, other_len: int, width: int, experts: int) -> float:
             + 4.0 * q_len * other_len * width + _dense(q_len, 2 * width, experts))
 
 
-def fusion_flops(model_cfg: ml_collections.ConfigDict, *, text_only: bool = False) -> float:
-    """One cross-modal pass: transforms, managers, both co-attention stacks, poolers.
+def image_transform_flops(model_cfg: ml_collections.ConfigDict) -> float:
+    """The image stream's uni-modal -> cross-modal transform of the layers it sends across."""
+    _, tokens = sequence_lengths(model_cfg)
+    k = num_uni_modal_inputs(model_cfg)
+    return _dense(k * tokens, model_cfg.vision.hidden_size, model_cfg.cross.hidden_size)
 
-    text_only: only text_feats is read, so the last image-stream layer and both poolers are
-    dead code (C^text_L reads the image stream's *input* to layer L, not its output).
+
+def fusion_flops(model_cfg: ml_collections.ConfigDict, *, text_queries: int | None = None,
+                 image_queries: int | None = None, prepared_image: bool = False) -> float:
+    """One cross-modal pass: transforms, managers, both co-attention stacks, poolers
+    (prepared_image: without the image transform, which prepare_image took).
+
+    text_queries / image_queries: the tokens each stream's last layer runs for (None: all;
+    0: none, its output is dead code). image_queries=0 is the MLM pass: only text_feats is
+    read, so XLA drops the last image-stream layer and both poolers (C^text_L reads the image
+    stream's *input* to layer L, not its output).
     """
-    c, t, v = model_cfg.cross, model_cfg.text, model_cfg.vision
+    c, t = model_cfg.cross, model_cfg.text
     length, tokens = sequence_lengths(model_cfg)
     d, k = c.hidden_size, num_uni_modal_inputs(model_cfg)
-    flops = _dense(k * length, t.hidden_size, d) + _dense(k * tokens, v.hidden_size, d)
-    text_layer = _block(length, d, c.mlp_dim, cross_len=tokens)
-    image_layer = _block(tokens, d, c.mlp_dim, cross_len=length)
-    flops += c.num_layers * text_layer + (c.num_layers - (1 if text_only else 0)) * image_layer
+    flops = _dense(k * length, t.hidden_size, d)
+    if not prepared_image:
+        flops += image_transform_flops(model_cfg)
+    text_layer = lambda q: _block(q, d, c.mlp_dim, cross_len=tokens, kv_len=length)
+    image_layer = lambda q: _block(q, d, c.mlp_dim, cross_len=length, kv_len=tokens)
+    last_text = length if text_queries is None else text_queries
+    last_image = tokens if image_queries is None else image_queries
+    flops += (c.num_layers - 1) * (text_layer(length) + image_layer(tokens))
+    flops += (text_layer(last_text) if last_text else 0.0) + (
+        image_layer(last_image) if last_image else 0.0)
     if model_cfg.tower == "manager" and model_cfg.manager.type == "AAUE":
         n = model_cfg.manager.num_layers  # layer 1 is SAUE: elementwise only
         flops += (c.num_layers - 1) * (_aaue_flops(length, tokens, d, n)
                                        + _aaue_flops(tokens, length, d, n))
-    if not text_only:
+    if last_image:
         flops += 2 * _dense(1, d, d)  # poolers on token 0
     return flops
 
@@ -129,7 +156,11 @@ def forward_flops_breakdown(model_cfg: ml_collections.ConfigDict, *,
         "text_encoder": p["text_encodes"] * text_encoder_flops(model_cfg),
         "image_encoder": p["image_encodes"] * image_encoder_flops(model_cfg),
         "fusion": (p["fusions"] * fusion_flops(model_cfg)
-                   + p["text_only_fusions"] * fusion_flops(model_cfg, text_only=True)),
+                   + p["prepared_fusions"] * fusion_flops(model_cfg, prepared_image=True)
+                   + p["text_only_fusions"] * fusion_flops(
+                       model_cfg, text_queries=int(p["mlm_positions"]) or None,
+                       image_queries=0, prepared_image=True)
+                   + p["image_prepares"] * image_transform_flops(model_cfg)),
         "mlm_head": p["mlm_positions"] * mlm,
         "itm_head": p["itm"] * _dense(1, 2 * d, 2),
         "itc_head": itc,
@@ -150,11 +181,14 @@ def model_flops_per_example(model_cfg: ml_collections.ConfigDict, *,
 def pretrain_passes(*, image_encodes_per_example: float, mlm_positions: float,
                     itc_batch: int = 0) -> dict[str, float]:
     """The per-example work of objectives.pretrain_forward with MLM + ITM (+ ITC): the masked
-    and the clean text are encoded (2), MLM reads only the text stream of its fusion, ITM
-    fuses the clean text with its (maybe negative) image. image_encodes_per_example: 1 when
-    negatives reuse the batch's encodings, 2 with dataset negatives."""
-    return dict(text_encodes=2, image_encodes=image_encodes_per_example, fusions=1,
-                text_only_fusions=1, mlm_positions=mlm_positions, itm=1, itc_batch=itc_batch)
+    and the clean text are encoded (2), MLM reads only the text stream of its fusion (the
+    last layer at the masked positions), ITM fuses the clean text with its (maybe negative)
+    image; the image transform is taken once per image encoding.
+    image_encodes_per_example: 1 when negatives reuse the batch's encodings, 2 with dataset
+    negatives."""
+    return dict(text_encodes=2, image_encodes=image_encodes_per_example, prepared_fusions=1,
+                text_only_fusions=1, image_prepares=image_encodes_per_example,
+                mlm_positions=mlm_positions, itm=1, itc_batch=itc_batch)
 
 
 def pretrain_step_flops(model_cfg: ml_collections.ConfigDict, batch_size: int, *,
@@ -190,7 +224,7 @@ def train_step_flops(config: ml_collections.ConfigDict) -> float:
     if task == "nlvr2":
         passes.update(image_encodes=2, fusions=2)
     if task == "retrieval":
-        passes.update(fusions=3, itm=3, itc_batch=batch)
+        passes.update(fusions=0, prepared_fusions=3, image_prepares=1, itm=3, itc_batch=batch)
     return batch * model_flops_per_example(m, passes=passes)
 
 

@@ -32,8 +32,10 @@ LOSSES = ("mlm", "itm", "itc")
 
 
 def select_images(image: dict, index: jax.Array) -> dict:
-    """The encoded images reordered along the batch: example b gets image index[b]."""
-    return {"outputs": image["outputs"][:, index], "hidden_states": ()}
+    """The encoded (and prepared) images reordered along the batch: example b gets image
+    index[b]. Every kept entry is [k, B, ...]."""
+    return {**{k: image[k][:, index] for k in ("outputs", "cross_inputs") if k in image},
+            "hidden_states": ()}
 
 
 def sample_negatives(rng: jax.Array, same_image: jax.Array, logits: jax.Array | None
@@ -67,12 +69,10 @@ def itm_negatives(rng: jax.Array, same_image: jax.Array, logits: jax.Array | Non
     return index.astype(jnp.int32), matched.astype(jnp.int32)
 
 
-def gather_positions(feats: jax.Array, labels: jax.Array, positions: jax.Array
-                     ) -> tuple[jax.Array, jax.Array]:
-    """feats [B, L, D], labels [B, L], positions [B, k] -> ([B, k, D], [B, k]): the MLM head
-    then costs k / L of decoding every position (the vocabulary projection dominates it)."""
-    return (jnp.take_along_axis(feats, positions[..., None], axis=1),
-            jnp.take_along_axis(labels, positions, axis=1))
+def pooled_positions(attention_mask: jax.Array) -> jax.Array:
+    """[B, 1] zeros: the [CLS] token, all that the poolers (cls_feats) read of the last
+    cross-modal layer; Backbone.fuse's text_positions / image_positions (retrieval scoring)."""
+    return jnp.zeros((attention_mask.shape[0], 1), jnp.int32)
 
 
 def example_weights(batch: dict) -> jax.Array:
@@ -118,14 +118,19 @@ def pretrain_forward(model, batch: dict, *, losses: tuple[str, ...], train: bool
     in evaluation `valid` [B] (padding rows count nowhere).
     """
     bb, mask, valid = model.backbone, batch["attention_mask"], example_weights(batch)
-    image = bb.encode_image(batch["pixel_values"], train)
+    # One encoding, and one transform into the cross-modal width, serve MLM, ITC and ITM.
+    image = bb.prepare_image(bb.encode_image(batch["pixel_values"], train))
     out = {}
     if "mlm" in losses:
-        fused = bb.fuse(bb.encode_text(batch["mlm_input_ids"], mask, train), mask, image, train)
-        feats, labels = fused["text_feats"], batch["mlm_labels"]
-        if "mlm_positions" in batch:  # decode only the masked positions (gather first)
-            feats, labels = gather_positions(feats, labels, batch["mlm_positions"])
-        logits = model.head("mlm")({"text_feats": feats}, train)["mlm_logits"]
+        # Capped masking: the last cross-modal layer and the MLM head run at the masked
+        # positions only (the vocabulary projection dominates the head).
+        positions = batch.get("mlm_positions")
+        fused = bb.fuse(bb.encode_text(batch["mlm_input_ids"], mask, train), mask, image, train,
+                        text_positions=positions)
+        labels = batch["mlm_labels"]
+        if positions is not None:
+            labels = jnp.take_along_axis(labels, positions, axis=1)
+        logits = model.head("mlm")({"text_feats": fused["text_feats"]}, train)["mlm_logits"]
         out["mlm"] = cross_entropy_sum(logits, labels, (labels != IGNORE) & valid[:, None])
     text = bb.encode_text(batch["input_ids"], mask, train)
     similarity = None
@@ -142,6 +147,9 @@ def pretrain_forward(model, batch: dict, *, losses: tuple[str, ...], train: bool
                 model.make_rng("negatives"), record[:, None] == record[None, :],
                 None if similarity is None else jax.lax.stop_gradient(similarity))
             itm_image = select_images(image, index)
+        # Every row of the last layer, though the poolers read only [CLS]: computing that row
+        # alone (fuse's positions) moved the losses of a tensor-parallel mesh 1.4e-5 away from
+        # one device's (BENCHMARKS.md), more than scale-out's 1e-5 tolerance.
         fused = bb.fuse(text, mask, itm_image, train)
         logits = model.head("itm")(fused, train)["itm_logits"]
         out["itm"] = cross_entropy_sum(logits, itm_labels, valid)

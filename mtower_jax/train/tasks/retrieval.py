@@ -34,7 +34,8 @@ def retrieval_forward(model, batch: dict, *, losses: tuple[str, ...], train: boo
     Returns ({'itc': terms, 'itm': terms over 3B pairs}, {}).
     """
     bb, ids, mask = model.backbone, batch["input_ids"], batch["attention_mask"]
-    text, image = bb.encode_text(ids, mask, train), bb.encode_image(batch["pixel_values"], train)
+    text = bb.encode_text(ids, mask, train)
+    image = bb.prepare_image(bb.encode_image(batch["pixel_values"], train))  # 3 fusions share it
     everyone = jnp.ones(ids.shape[:1], bool)
     similarity = itc_similarity(model, text, image, train)
     out = {"itc": itc_terms(similarity, everyone)} if "itc" in losses else {}
