@@ -108,7 +108,7 @@ def test_pretrain_passes_match_the_objective(losses):
     traced = flops.traced_matmul_flops(forward, params, batch, jax.random.PRNGKey(0))
     passes = flops.pretrain_passes(image_encodes_per_example=1, mlm_positions=cfg.max_text_len,
                                    itc_batch=batch_size if "itc" in losses else 0)
-    dead = flops.fusion_flops(cfg) - flops.fusion_flops(cfg, image_queries=0)
+    dead = flops.fusion_flops(cfg) - flops.fusion_flops(cfg, text_only=True)
     assert traced == batch_size * (flops.forward_flops(cfg, passes=passes) + dead)
     assert flops.pretrain_step_flops(
         cfg, batch_size, image_encodes_per_example=1, mlm_positions=cfg.max_text_len,

@@ -68,9 +68,9 @@ def profile(model_size: str, tower: str, batch: int, dtype: str, repeats: int) -
         def fuse(p, encoded, **positions):  # as objectives.pretrain_forward reads them
             t, i = encoded
             return apply(lambda m, t, i: m.backbone.fuse(t, mask, i, True, **positions), p, t, i)
-        mlm_read, itm_read = dict(text_positions=b["mlm_positions"]), {}
+        mlm_read = dict(text_positions=b["mlm_positions"])
         mlm_feats = jax.jit(lambda p, e: fuse(p, e, **mlm_read))(params, (text, image))
-        cls_feats = jax.jit(lambda p, e: fuse(p, e, **itm_read))(params, (text, image))
+        cls_feats = jax.jit(fuse)(params, (text, image))
 
         def heads(p, feats):
             text_feats, cls_feats = feats
@@ -92,7 +92,7 @@ def profile(model_size: str, tower: str, batch: int, dtype: str, repeats: int) -
                                      argnums=(0,)), (params, b["input_ids"]), 2),
             "fusion_mlm": (grad_of(lambda p, e: fuse(p, e, **mlm_read)["text_feats"]),
                            (params, (text, image)), 1),
-            "fusion_itm": (grad_of(lambda p, e: fuse(p, e, **itm_read)["cls_feats"]),
+            "fusion_itm": (grad_of(lambda p, e: fuse(p, e)["cls_feats"]),
                            (params, (text, image)), 1),
             "heads_and_losses": (grad_of(heads), (params, (mlm_feats["text_feats"],
                                                            cls_feats["cls_feats"])), 1),

@@ -109,15 +109,14 @@ def image_transform_flops(model_cfg: ml_collections.ConfigDict) -> float:
     return _dense(k * tokens, model_cfg.vision.hidden_size, model_cfg.cross.hidden_size)
 
 
-def fusion_flops(model_cfg: ml_collections.ConfigDict, *, text_queries: int | None = None,
-                 image_queries: int | None = None, prepared_image: bool = False) -> float:
+def fusion_flops(model_cfg: ml_collections.ConfigDict, *, text_only: bool = False,
+                 text_queries: int | None = None, prepared_image: bool = False) -> float:
     """One cross-modal pass: transforms, managers, both co-attention stacks, poolers
     (prepared_image: without the image transform, which prepare_image took).
 
-    text_queries / image_queries: the tokens each stream's last layer runs for (None: all;
-    0: none, its output is dead code). image_queries=0 is the MLM pass: only text_feats is
-    read, so XLA drops the last image-stream layer and both poolers (C^text_L reads the image
-    stream's *input* to layer L, not its output).
+    text_only: only text_feats is read, so the last image-stream layer and both poolers are
+    dead code (C^text_L reads the image stream's *input* to layer L, not its output).
+    text_queries: the tokens the last text layer runs for (None: all; MLM: its positions).
     """
     c, t = model_cfg.cross, model_cfg.text
     length, tokens = sequence_lengths(model_cfg)
@@ -126,17 +125,15 @@ def fusion_flops(model_cfg: ml_collections.ConfigDict, *, text_queries: int | No
     if not prepared_image:
         flops += image_transform_flops(model_cfg)
     text_layer = lambda q: _block(q, d, c.mlp_dim, cross_len=tokens, kv_len=length)
-    image_layer = lambda q: _block(q, d, c.mlp_dim, cross_len=length, kv_len=tokens)
-    last_text = length if text_queries is None else text_queries
-    last_image = tokens if image_queries is None else image_queries
-    flops += (c.num_layers - 1) * (text_layer(length) + image_layer(tokens))
-    flops += (text_layer(last_text) if last_text else 0.0) + (
-        image_layer(last_image) if last_image else 0.0)
+    image_layer = _block(tokens, d, c.mlp_dim, cross_len=length)
+    flops += (c.num_layers - 1) * text_layer(length) + text_layer(
+        length if text_queries is None else text_queries)
+    flops += (c.num_layers - (1 if text_only else 0)) * image_layer
     if model_cfg.tower == "manager" and model_cfg.manager.type == "AAUE":
         n = model_cfg.manager.num_layers  # layer 1 is SAUE: elementwise only
         flops += (c.num_layers - 1) * (_aaue_flops(length, tokens, d, n)
                                        + _aaue_flops(tokens, length, d, n))
-    if last_image:
+    if not text_only:
         flops += 2 * _dense(1, d, d)  # poolers on token 0
     return flops
 
@@ -158,8 +155,8 @@ def forward_flops_breakdown(model_cfg: ml_collections.ConfigDict, *,
         "fusion": (p["fusions"] * fusion_flops(model_cfg)
                    + p["prepared_fusions"] * fusion_flops(model_cfg, prepared_image=True)
                    + p["text_only_fusions"] * fusion_flops(
-                       model_cfg, text_queries=int(p["mlm_positions"]) or None,
-                       image_queries=0, prepared_image=True)
+                       model_cfg, text_only=True, text_queries=int(p["mlm_positions"]) or None,
+                       prepared_image=True)
                    + p["image_prepares"] * image_transform_flops(model_cfg)),
         "mlm_head": p["mlm_positions"] * mlm,
         "itm_head": p["itm"] * _dense(1, 2 * d, 2),

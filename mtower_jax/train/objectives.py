@@ -69,12 +69,6 @@ def itm_negatives(rng: jax.Array, same_image: jax.Array, logits: jax.Array | Non
     return index.astype(jnp.int32), matched.astype(jnp.int32)
 
 
-def pooled_positions(attention_mask: jax.Array) -> jax.Array:
-    """[B, 1] zeros: the [CLS] token, all that the poolers (cls_feats) read of the last
-    cross-modal layer; Backbone.fuse's text_positions / image_positions (retrieval scoring)."""
-    return jnp.zeros((attention_mask.shape[0], 1), jnp.int32)
-
-
 def example_weights(batch: dict) -> jax.Array:
     """[B] bool: the real examples (evaluation pads its last batch; `valid` marks them)."""
     if "valid" in batch:

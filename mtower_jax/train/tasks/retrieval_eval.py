@@ -48,7 +48,6 @@ import numpy as np
 from mtower_jax.data import pipeline
 from mtower_jax.train import evaluation
 from mtower_jax.train import mesh as mesh_lib
-from mtower_jax.train.objectives import pooled_positions
 
 KS = (1, 5, 10)
 
@@ -127,7 +126,7 @@ def _itm_scores(module, image_outputs, image_row, input_ids, attention_mask):
     """Pair p = (text input_ids[p], image image_outputs[:, image_row[p]]) -> ITM score [P]."""
     text = module.backbone.encode_text(input_ids, attention_mask, False)
     image = {"outputs": image_outputs[:, image_row], "hidden_states": ()}
-    cls = pooled_positions(attention_mask)  # the ITM head reads only the poolers
+    cls = jnp.zeros((input_ids.shape[0], 1), jnp.int32)  # the poolers read only [CLS]
     fused = module.backbone.fuse(text, attention_mask, image, False, text_positions=cls,
                                  image_positions=cls)
     logits = module.head("itm")(fused, False)["itm_logits"].astype(jnp.float32)
