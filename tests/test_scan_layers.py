@@ -206,13 +206,16 @@ def test_init_from_converts_either_layout():
 
 def test_train_step_with_scan_layers_starts_from_the_unrolled_loss():
     """One step of the (shallow, dropout-free) tiny pretraining config with
-    --config.model.scan_layers=True: its loss is the unrolled model's on the same weights."""
+    --config.model.scan_layers=True: its loss is the unrolled model's on the same weights.
+    (The bridge tower with one cross-modal layer: the scan is in the encoders, and the
+    smaller fusion halves the two compiles.)"""
     from test_train_step import make_batch, run, setup, small_config
 
     from mtower_jax.train.step import make_eval_step
     from mtower_jax.train.tasks import denominators, get_task
 
     config = small_config()
+    config.model.tower, config.model.cross.num_layers = "bridge", 1
     params = random_variables(config.model, seed=0)["params"]
     batch = make_batch(config.model)
     terms, _ = jax.jit(make_eval_step(config, build_model(config.model)))(

@@ -13,6 +13,9 @@ tokens 65, hidden 256, 4 heads, N = 4 managed layers):
     manager_noise   jax.random.normal vs sampling.standard_normal (quantile table)
     attention       attention.py's separate Q/K/V projections vs one fused QKV matmul vs
                     jax.nn.dot_product_attention (forward + backward)
+    mlm_loss        the vocabulary projection + cross-entropy at 384 masked positions
+                    (vocabulary 50,265), forward + backward: optax's cross-entropy of the
+                    whole logits vs vocab_decoder.blockwise_cross_entropy in 1 and 8 blocks
 
 Prints one JSON line: {piece: {alternative: median ms}}.
 """
@@ -23,12 +26,14 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import optax
 from absl import app, flags
 
 from mtower_jax.bench.train_step import median_seconds
 from mtower_jax.models import sampling
 from mtower_jax.models.layers import LayerNorm, _normalise
 from mtower_jax.models.managers import _softmax_mix, _softmax_weights
+from mtower_jax.models.vocab_decoder import blockwise_cross_entropy
 
 _REPEATS = flags.DEFINE_integer("repeats", 20, "Timed calls per alternative.")
 B, T, D, H, N = 32, 65, 256, 4, 4
@@ -107,7 +112,31 @@ def measure(repeats: int) -> dict:
             "quantile_table": _ms(lambda k: sampling.standard_normal(k, (N, B, T, D)), keys[7],
                                   repeats=repeats)},
         "attention": attention,
+        "mlm_loss": _mlm_loss(keys[7], repeats),
     }
+
+
+def _mlm_loss(key: jax.Array, repeats: int) -> dict:
+    rows, vocab = B * 12, 50265  # small's 12 masked positions per text
+    k = jax.random.split(key, 3)
+    x = jax.random.normal(k[0], (rows, D))
+    kernel, bias = 0.02 * jax.random.normal(k[1], (D, vocab)), jnp.zeros((vocab,))
+    labels = jax.random.randint(k[2], (rows,), 0, vocab)
+
+    def whole(x, kernel, bias):
+        logits = x @ kernel + bias
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+        return ce + (jnp.argmax(logits, -1) == labels)  # the step also counts hits
+
+    def blocks(chunks: int) -> Callable:
+        def loss(x, kernel, bias):
+            ce, correct = blockwise_cross_entropy(x, kernel, bias, labels, chunks, jnp.float32)
+            return ce + correct
+        return loss
+    grads = lambda f: jax.grad(lambda *a: jnp.sum(f(*a)), argnums=(0, 1, 2))
+    return {name: _ms(grads(f), x, kernel, bias, repeats=repeats)
+            for name, f in (("whole_logits_optax", whole), ("blockwise_1", blocks(1)),
+                            ("blockwise_8", blocks(8)))}
 
 
 def main(argv: list[str]) -> None:

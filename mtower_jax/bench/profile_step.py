@@ -9,7 +9,7 @@ forward + backward, on the benchmark's batch (bench/train_step.py):
                     positions only (XLA drops the image stream's last layer and the poolers)
     fusion_itm      fuse(...) read for ITM: the poolers. Each fusion holds the transforms,
                     the managers / bridges and the cross-modal layers
-    heads + losses  MLM head at the masked positions, ITM head, cross-entropies
+    heads + losses  MLM head and loss at the masked positions (vocabulary blocks), ITM head
     optimizer       AdamW update of every parameter (optax, with the step's groups)
 
 Each part's time is the median over `--repeats` calls; `step` is the whole jitted train step,
@@ -29,7 +29,7 @@ from absl import app, flags
 
 from mtower_jax.bench.train_step import (OursRunner, bench_config, median_seconds,
                                          synthetic_batch)
-from mtower_jax.train.objectives import cross_entropy_sum
+from mtower_jax.train.objectives import cross_entropy_sum, masked_sums
 
 _MODEL = flags.DEFINE_enum("model", "small", ["tiny", "small", "base", "large"], "Model size.")
 _TOWER = flags.DEFINE_enum("tower", "manager", ["manager", "bridge", "meter"], "Tower.")
@@ -76,10 +76,11 @@ def profile(model_size: str, tower: str, batch: int, dtype: str, repeats: int) -
             text_feats, cls_feats = feats
             def forward(m, text_feats, cls_feats):
                 labels = jnp.take_along_axis(b["mlm_labels"], b["mlm_positions"], axis=1)
-                mlm = m.head("mlm")({"text_feats": text_feats}, True)["mlm_logits"]
+                mlm = m.head("mlm")({"text_feats": text_feats,
+                                     "mlm_labels": jnp.maximum(labels, 0)}, True)
                 itm = m.head("itm")({"cls_feats": cls_feats}, True)["itm_logits"]
                 valid = jnp.ones(labels.shape[0], bool)
-                return (cross_entropy_sum(mlm, labels, labels >= 0)[0]
+                return (masked_sums(mlm["mlm_cross_entropy"], mlm["mlm_correct"], labels >= 0)[0]
                         + cross_entropy_sum(itm, b["record_index"] % 2, valid)[0])
             return apply(forward, p, text_feats, cls_feats)
 

@@ -8,6 +8,9 @@
                         learn_temperature, temperature (init), noise, layer_norm_eps
   bridge                type ('add' | 'scaled_add' | 'interpolate'), layer_norm_eps
   heads                 which task heads to build, and their sizes
+  mlm_vocab_chunks      the MLM loss's vocabulary blocks: its logits are made, reduced and
+                        dropped block by block, never whole (models/vocab_decoder.py); 1: one
+                        block
   dtype / param_dtype   compute and parameter dtypes; remat: rematerialise every layer
   scan_layers           run each uni-modal encoder's identical layers as one nn.scan (one
                         compiled layer body instead of num_layers copies: faster, leaner
@@ -70,9 +73,10 @@ def model_config(size: str = "tiny", tower: str = "manager") -> ml_collections.C
                      learn_temperature=True, temperature=1.0, noise=True, layer_norm_eps=1e-5),
         bridge=dict(type="add", layer_norm_eps=1e-5),
         max_text_len=text_len,
-        num_token_types=2,
-        share_transform=True,  # False: one uni-modal -> cross-modal transform per cross layer  # text, image (NLVR2 adds a third row for its second image)
+        num_token_types=2,  # text, image (NLVR2 adds a third row for its second image)
+        share_transform=True,  # False: one uni-modal -> cross-modal transform per cross layer
         heads=("mlm", "itm"),
+        mlm_vocab_chunks=8,  # vocabulary blocks of the MLM loss (models/vocab_decoder.py)
         head_hidden_scale=1.0,
         vqa_num_answers=3129,
         itc_dim=256,
@@ -103,6 +107,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     one_of("param_dtype", cfg.param_dtype, DTYPES)
     for key in ("remat", "scan_layers"):
         check(isinstance(cfg.get(key, False), bool), f"model.{key}={cfg.get(key)!r} must be a bool")
+    chunks = cfg.get("mlm_vocab_chunks", 1)
+    check(isinstance(chunks, int) and chunks >= 1,
+          f"model.mlm_vocab_chunks={chunks!r} must be a positive integer")
     for name in cfg.heads:
         one_of("heads", name, HEADS)
     check(len(set(cfg.heads)) == len(cfg.heads), f"model.heads={cfg.heads} repeats a head")

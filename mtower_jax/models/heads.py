@@ -2,6 +2,7 @@
 does not know which heads exist (`model.heads` in the config chooses them).
 
   mlm:     logits = LN(gelu(text_feats W_1 + b_1)) W_dec + b_dec               [B, L, vocab]
+           (or, given labels, their cross-entropy without the whole logits)
   itm:     logits = cls_feats W + b                                             [B, 2]
   itc:     t = normalize(unimodal_text_cls W_t), i = normalize(unimodal_image_cls W_i)   [B, itc_dim]
            temperature tau (init 0.07), clamped to [0.001, 0.5]
@@ -17,6 +18,7 @@ import ml_collections
 
 from mtower_jax.models.layers import ACTIVATIONS, Dense, Dtype, LayerNorm
 from mtower_jax.models.partitioning import logical
+from mtower_jax.models.vocab_decoder import VocabDecoder
 
 ITC_TEMPERATURE_RANGE = (0.001, 0.5)
 
@@ -29,6 +31,10 @@ class _Head(nn.Module):
 
 
 class MLMHead(_Head):
+    """mlm_logits [B, L, vocab]; or, given features['mlm_labels'] [B, L] (int in [0, vocab)),
+    mlm_cross_entropy [B, L] and mlm_correct [B, L] computed without the whole logits
+    (vocab_decoder.py: `model.mlm_vocab_chunks` blocks of the vocabulary)."""
+
     @nn.compact
     def __call__(self, features: dict, train: bool) -> dict:
         c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -36,8 +42,12 @@ class MLMHead(_Head):
         x = Dense(x.shape[-1], ("embed", "mlp"), name="transform", **kw)(x)
         x = LayerNorm(c.cross.layer_norm_eps, name="transform_norm", **kw)(
             ACTIVATIONS[c.cross.activation](x))
-        logits = Dense(c.text.vocab_size, ("embed", "vocab"), name="decoder", **kw)(x)
-        return {"mlm_logits": logits}
+        decoder = VocabDecoder(x.shape[-1], c.text.vocab_size, c.get("mlm_vocab_chunks", 1),
+                               name="decoder", **kw)
+        if "mlm_labels" not in features:
+            return {"mlm_logits": decoder(x)}
+        ce, correct = decoder.cross_entropy(x, features["mlm_labels"])
+        return {"mlm_cross_entropy": ce, "mlm_correct": correct}
 
 
 class ITMHead(_Head):

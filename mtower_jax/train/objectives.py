@@ -3,8 +3,9 @@
 One `model.apply(..., method=pretrain_forward)` does the step's forward work:
 
     image = vision_encoder(pixels)                     once per step, shared by MLM and ITM
-    MLM   fuse(text_encoder(masked ids), image)  -> mlm_logits at the masked positions
-          (batch['mlm_positions'], at most k per text; at every position without it)
+    MLM   fuse(text_encoder(masked ids), image)  -> cross-entropy at the masked positions
+          (batch['mlm_positions'], at most k per text; at every position without it), the
+          head making the logits in vocabulary blocks, never whole (models/vocab_decoder.py)
     ITC   normalize(W_t t_cls) . normalize(W_i v_cls) / tau over the batch   (optional)
     ITM   fuse(text_encoder(ids), image[neg])    -> itm_logits; half the examples (drawn at
           random) get another example's image: uniformly among the batch's other images,
@@ -88,9 +89,13 @@ def cross_entropy_sum(logits: jax.Array, labels: jax.Array, valid: jax.Array):
     """(sum of CE over valid positions, #valid, #correct) in float32."""
     logits = logits.astype(jnp.float32)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(valid, labels, 0))
-    correct = (jnp.argmax(logits, -1) == labels) & valid
+    return masked_sums(ce, jnp.argmax(logits, -1) == labels, valid)
+
+
+def masked_sums(ce: jax.Array, correct: jax.Array, valid: jax.Array):
+    """Per-position CE and hits -> (sum of CE over valid positions, #valid, #correct)."""
     return (jnp.sum(jnp.where(valid, ce, 0.0)), jnp.sum(valid).astype(jnp.float32),
-            jnp.sum(correct).astype(jnp.float32))
+            jnp.sum(correct & valid).astype(jnp.float32))
 
 
 def itc_similarity(model, text: dict, image: dict, train: bool) -> jax.Array:
@@ -124,8 +129,10 @@ def pretrain_forward(model, batch: dict, *, losses: tuple[str, ...], train: bool
         labels = batch["mlm_labels"]
         if positions is not None:
             labels = jnp.take_along_axis(labels, positions, axis=1)
-        logits = model.head("mlm")({"text_feats": fused["text_feats"]}, train)["mlm_logits"]
-        out["mlm"] = cross_entropy_sum(logits, labels, (labels != IGNORE) & valid[:, None])
+        counted = (labels != IGNORE) & valid[:, None]
+        mlm = model.head("mlm")({"text_feats": fused["text_feats"],
+                                 "mlm_labels": jnp.where(counted, labels, 0)}, train)
+        out["mlm"] = masked_sums(mlm["mlm_cross_entropy"], mlm["mlm_correct"], counted)
     text = bb.encode_text(batch["input_ids"], mask, train)
     similarity = None
     if "itc" in losses:

@@ -7,8 +7,8 @@ micro-batch's loss is divided by the *full* batch's counts (masked tokens for ML
 for ITM / ITC), so the summed gradients are the full-batch gradients.
 
 Non-finite guard: if the loss or any gradient is NaN / Inf, params and optimizer state are
-kept bit-for-bit (`where(finite, new, old)`), the step counter still advances (the batch is
-consumed) and `metrics['nonfinite'] = 1`; the loop counts it or stops, per
+kept bit-for-bit (a `lax.cond` skips the update), the step counter still advances (the batch
+is consumed) and `metrics['nonfinite'] = 1`; the loop counts it or stops, per
 `config.on_nonfinite`.
 """
 from typing import Callable
@@ -72,10 +72,15 @@ def make_train_step(config: ml_collections.ConfigDict, model, tx: optax.Gradient
         metrics = _metrics(terms, counts)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
-        updates, opt_state = tx.update(grads, state["opt_state"], params)
-        new = {"params": optax.apply_updates(params, updates), "opt_state": opt_state}
-        old = {"params": params, "opt_state": state["opt_state"]}
-        kept = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+        def update(old: dict) -> dict:
+            updates, opt_state = tx.update(grads, old["opt_state"], old["params"])
+            return {"params": optax.apply_updates(old["params"], updates), "opt_state": opt_state}
+
+        # A branch, not where(finite, new, old) per leaf: that read every old leaf twice and
+        # made XLA copy the donated optimizer state (0.12 s of a 1.97 s CPU step at `small`).
+        kept = jax.lax.cond(finite, update, lambda old: old,
+                            {"params": params, "opt_state": state["opt_state"]})
         metrics.update(grad_norm=grad_norm, lr=schedule(state["step"]),
                        nonfinite=1 - finite.astype(jnp.int32))
         return {**state, **kept, "step": state["step"] + 1}, metrics
