@@ -8,16 +8,16 @@ made, reduced and dropped, and the backward pass makes them again. With z = x W 
 
     lse = log sum_v exp(z_v)       over blocks c:  lse = m + log sum_c s_c exp(m_c - m),
                                    m_c = max z_c, s_c = sum exp(z_c - m_c), m = max_c m_c
-    ce = lse - z_y                 correct = (z_y == m): the label's logit is a largest one
+    ce = lse - z_y                 correct = (z_y >= m): the label's logit is a largest one
     d z = g (softmax(z) - onehot(y))   per block, then  d x = sum_c d z_c W_c^T,
                                        d W_c = x^T d z_c,  d b_c = 1^T d z_c
 
 On the 2-core CPU at `small` (384 masked positions, vocabulary 50,265) forward + backward
 took 378-444 ms through optax's cross-entropy of the whole logits and 269-305 ms in 8 blocks
-(bench/kernels.py, BENCHMARKS.md): a block's logits fit in the cache, the whole [384, 50265]
-matrix (77 MB) does not, and no scatter, transpose or leading-axis reduction of it is left. The price is
-a second x W in the backward pass (model FLOPs, as train/flops.py counts them, leave it
-out, as they leave out rematerialisation).
+(bench/kernels.py, BENCHMARKS.md): a block's logits fit in the cache, the whole
+[384, 50265] matrix (77 MB) does not, and no scatter, transpose or leading-axis reduction of
+it is left. The price is a second x W in the backward pass (model FLOPs, as train/flops.py
+counts them, leave it out, as they leave out rematerialisation).
 """
 from __future__ import annotations
 
