@@ -121,6 +121,11 @@ def median_seconds(fn: Callable, args: tuple, repeats: int) -> float:
     return statistics.median(seconds)
 
 
+def _progress(line: str) -> None:
+    """A progress line on stderr (the JSON result is stdout's only line)."""
+    print(f"[bench] {line}", file=sys.stderr, flush=True)
+
+
 class OursRunner:
     """Our jitted train step (as train/loop.py builds it) on a fixed device batch."""
 
@@ -138,6 +143,7 @@ class OursRunner:
             start = time.perf_counter()
             self.step_fn = step.lower(self.state, self.batch, self.rng).compile()
             self.compile_s = time.perf_counter() - start
+        _progress(f"{config.model.tower}: compiled in {self.compile_s:.1f} s")
         self.steps_done = 0
 
     def context(self) -> contextlib.ExitStack:
@@ -202,6 +208,8 @@ def benchmark(model: str, batch: int, dtype: str, vs: str, rounds: int, steps: i
         for name, runner in runners.items():
             seconds[name].append(runner.run(steps) / steps)
         peaks.append(flops.measure_matmul_peak_tflops(dtype, repeats=3))
+        _progress("round: " + ", ".join(f"{name} {times[-1]:.4f} s"
+                                        for name, times in seconds.items()))
 
     bridge = runners["bridge"]
     step_s = statistics.median(seconds["bridge"])

@@ -43,7 +43,9 @@ class Backbone(nn.Module):
     def setup(self):
         c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         d = c.cross.hidden_size
-        layers = dict(remat=c.remat, scan_layers=c.get("scan_layers", False))
+        attention = c.get("attention_impl", "auto")
+        layers = dict(remat=c.remat, scan_layers=c.get("scan_layers", False),
+                      attention_impl=attention)
         self.text_encoder = TextEncoder(c.text, **layers, **kw)
         self.vision_encoder = VisionEncoder(c.vision, **layers, **kw)
         # ("embed", "mlp") rather than ("embed", "embed"): a mesh axis may appear once per spec.
@@ -60,8 +62,10 @@ class Backbone(nn.Module):
         self.text_inputs = inputs(c, c.text.num_layers, **kw)
         self.image_inputs = inputs(c, c.vision.num_layers, **kw)
         layer = nn.remat(CrossModalLayer, static_argnums=(5,)) if c.remat else CrossModalLayer
-        self.text_cross_layers = [layer(c.cross, **kw) for _ in range(c.cross.num_layers)]
-        self.image_cross_layers = [layer(c.cross, **kw) for _ in range(c.cross.num_layers)]
+        self.text_cross_layers = [layer(c.cross, attention, **kw)
+                                  for _ in range(c.cross.num_layers)]
+        self.image_cross_layers = [layer(c.cross, attention, **kw)
+                                  for _ in range(c.cross.num_layers)]
         self.text_pooler = Pooler(**kw)
         self.image_pooler = Pooler(**kw)
 

@@ -11,6 +11,9 @@
   mlm_vocab_chunks      the MLM loss's vocabulary blocks: its logits are made, reduced and
                         dropped block by block, never whole (models/vocab_decoder.py); 1: one
                         block
+  attention_impl        'auto' | 'explicit' | 'xla' | 'cudnn': how attention's softmax(QK^T)V
+                        runs (models/attention.py); auto takes cuDNN's fused kernel on a GPU in
+                        bfloat16 / float16, the written-out einsums elsewhere
   dtype / param_dtype   compute and parameter dtypes; remat: rematerialise every layer
   scan_layers           run each uni-modal encoder's identical layers as one nn.scan (one
                         compiled layer body instead of num_layers copies: faster, leaner
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from mtower_jax.models.attention import ATTENTION_IMPLS
 from mtower_jax.models.bridges import BRIDGE_TYPES
 from mtower_jax.models.heads import HEADS
 from mtower_jax.models.layers import ACTIVATIONS
@@ -81,6 +85,7 @@ def model_config(size: str = "tiny", tower: str = "manager") -> ml_collections.C
         vqa_num_answers=3129,
         itc_dim=256,
         itc_temperature=0.07,
+        attention_impl="auto",
         dtype="float32",
         param_dtype="float32",
         remat=False,
@@ -105,6 +110,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     one_of("bridge.type", cfg.bridge.type, BRIDGE_TYPES)
     one_of("dtype", cfg.dtype, DTYPES)
     one_of("param_dtype", cfg.param_dtype, DTYPES)
+    one_of("attention_impl", cfg.get("attention_impl", "auto"), ATTENTION_IMPLS)
     for key in ("remat", "scan_layers"):
         check(isinstance(cfg.get(key, False), bool), f"model.{key}={cfg.get(key)!r} must be a bool")
     chunks = cfg.get("mlm_vocab_chunks", 1)

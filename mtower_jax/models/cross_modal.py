@@ -27,6 +27,7 @@ from mtower_jax.models.partitioning import constrain
 
 class CrossModalLayer(nn.Module):
     cfg: ml_collections.FrozenConfigDict  # model.cross
+    attention_impl: str = "auto"  # model.attention_impl (attention.py)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -39,10 +40,12 @@ class CrossModalLayer(nn.Module):
         c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         drop = Dropout(c.dropout, deterministic=not train)
         queries = x if positions is None else jnp.take_along_axis(x, positions[..., None], 1)
-        a = MultiHeadAttention(c.num_heads, c.attention_dropout, name="attention", **kw)(
+        a = MultiHeadAttention(c.num_heads, c.attention_dropout, self.attention_impl,
+                               name="attention", **kw)(
             queries, x, mask, train)
         x = LayerNorm(c.layer_norm_eps, name="attention_norm", **kw)(queries + drop(a))
-        a = MultiHeadAttention(c.num_heads, c.attention_dropout, name="cross_attention", **kw)(
+        a = MultiHeadAttention(c.num_heads, c.attention_dropout, self.attention_impl,
+                               name="cross_attention", **kw)(
             x, other, other_mask, train)
         x = LayerNorm(c.layer_norm_eps, name="cross_attention_norm", **kw)(x + drop(a))
         h = FeedForward(c.mlp_dim, c.activation, name="mlp", **kw)(x)

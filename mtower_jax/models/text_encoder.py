@@ -25,6 +25,7 @@ ACT = ("act_batch", "act_len", "act_embed")
 
 class TextLayer(nn.Module):
     cfg: ml_collections.FrozenConfigDict  # model.text
+    attention_impl: str = "auto"  # model.attention_impl (attention.py)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -33,7 +34,8 @@ class TextLayer(nn.Module):
         """x [B, L, D], mask [B, L] bool -> [B, L, D]."""
         c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         drop = Dropout(c.dropout, deterministic=not train)
-        a = MultiHeadAttention(c.num_heads, c.attention_dropout, name="attention", **kw)(
+        a = MultiHeadAttention(c.num_heads, c.attention_dropout, self.attention_impl,
+                               name="attention", **kw)(
             x, x, mask, train)
         x = LayerNorm(c.layer_norm_eps, name="attention_norm", **kw)(x + drop(a))
         h = FeedForward(c.mlp_dim, c.activation, name="mlp", **kw)(x)
@@ -45,6 +47,7 @@ class TextEncoder(nn.Module):
     cfg: ml_collections.FrozenConfigDict  # model.text
     remat: bool = False
     scan_layers: bool = False
+    attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -67,12 +70,12 @@ class TextEncoder(nn.Module):
         mask = attention_mask.astype(bool)
         if self.scan_layers:  # one nn.scan over `layers` (layer_stack.py)
             layer = scanned(TextLayer, c.num_layers, 2, self.remat)
-            _, ys = layer(c, name=STACKED, **kw)(x, mask, train)
+            _, ys = layer(c, self.attention_impl, name=STACKED, **kw)(x, mask, train)
             return {"hidden_states": layer_outputs(ys), "outputs": ys[c.num_layers - num_outputs:]}
         layer = nn.remat(TextLayer, static_argnums=(3,)) if self.remat else TextLayer
         hidden_states = []
         for i in range(c.num_layers):
-            x = layer(c, name=f"layer_{i}", **kw)(x, mask, train)
+            x = layer(c, self.attention_impl, name=f"layer_{i}", **kw)(x, mask, train)
             hidden_states.append(x)
         return {"hidden_states": tuple(hidden_states),
                 "outputs": jnp.stack(hidden_states[c.num_layers - num_outputs:])}

@@ -35,6 +35,7 @@ def patchify(pixel_values: jax.Array, patch_size: int) -> jax.Array:
 
 class VisionLayer(nn.Module):
     cfg: ml_collections.FrozenConfigDict  # model.vision
+    attention_impl: str = "auto"  # model.attention_impl (attention.py)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -44,8 +45,8 @@ class VisionLayer(nn.Module):
         c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         drop = Dropout(c.dropout, deterministic=not train)
         h = LayerNorm(c.layer_norm_eps, name="attention_norm", **kw)(x)
-        x = x + drop(MultiHeadAttention(c.num_heads, c.attention_dropout, name="attention", **kw)(
-            h, h, None, train))
+        x = x + drop(MultiHeadAttention(c.num_heads, c.attention_dropout, self.attention_impl,
+                                         name="attention", **kw)(h, h, None, train))
         h = LayerNorm(c.layer_norm_eps, name="mlp_norm", **kw)(x)
         x = x + drop(FeedForward(c.mlp_dim, c.activation, name="mlp", **kw)(h))
         return constrain(x, ACT)
@@ -55,6 +56,7 @@ class VisionEncoder(nn.Module):
     cfg: ml_collections.FrozenConfigDict  # model.vision
     remat: bool = False
     scan_layers: bool = False
+    attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -82,13 +84,13 @@ class VisionEncoder(nn.Module):
 
         if self.scan_layers:  # one nn.scan over `layers` (layer_stack.py)
             layer = scanned(VisionLayer, c.num_layers, 1, self.remat)
-            _, ys = layer(c, name=STACKED, **kw)(x, train)
+            _, ys = layer(c, self.attention_impl, name=STACKED, **kw)(x, train)
             hidden_states, outputs = layer_outputs(ys), ys[c.num_layers - num_outputs:]
         else:
             layer = nn.remat(VisionLayer, static_argnums=(2,)) if self.remat else VisionLayer
             hidden_states = []
             for i in range(c.num_layers):
-                x = layer(c, name=f"layer_{i}", **kw)(x, train)
+                x = layer(c, self.attention_impl, name=f"layer_{i}", **kw)(x, train)
                 hidden_states.append(x)
             hidden_states = tuple(hidden_states)
             outputs = jnp.stack(hidden_states[c.num_layers - num_outputs:])
