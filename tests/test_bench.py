@@ -28,9 +28,9 @@ def test_synthetic_batch_follows_the_pipeline_contract():
 def test_train_step_benchmark_prints_one_json_line_with_every_key():
     result = subprocess.run(
         [sys.executable, "-m", "mtower_jax.bench.train_step", "--model=tiny", "--batch=8",
-         "--rounds=1", "--steps=1", "--override=model.text.num_layers=2",
-         "--override=model.vision.num_layers=2", "--override=model.cross.num_layers=1",
-         "--override=model.manager.num_layers=2"], capture_output=True, text=True, timeout=600)
+         "--rounds=1", "--steps=1", "--override=model.text.num_layers=1",
+         "--override=model.vision.num_layers=1", "--override=model.cross.num_layers=1",
+         "--override=model.manager.num_layers=1"], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     line = json.loads(result.stdout.strip().splitlines()[-1])
     for key in KEYS:

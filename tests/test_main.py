@@ -1,6 +1,7 @@
-"""The main job end to end, in subprocesses as users run it: outputs; ten SIGKILLs at
-seeded random moments, a SIGTERM and a full disk, each followed by a resume, ending
-bitwise where an uninterrupted run ends; the SIGTERM watchdog; init_from."""
+"""The main job end to end, in subprocesses as users run it: outputs; six SIGKILLs (one
+in each phase, one at a seeded random moment), a SIGTERM and a full disk, each followed by
+a resume, ending bitwise where an uninterrupted run ends; the SIGTERM watchdog; init_from.
+(`python -m mtower_jax.tools.kill_resume` runs the full experiment, 10 kills by default.)"""
 import json
 import os
 import subprocess
@@ -18,6 +19,7 @@ from mtower_jax.train.metrics import read_metrics
 MODEL = ["--config.model.text.num_layers=1", "--config.model.vision.num_layers=1",
          "--config.model.manager.num_layers=1"]
 LAYERS = {"text.num_layers": 1, "vision.num_layers": 1, "manager.num_layers": 1}
+KILLS = len(kill_resume.PHASES) + 1
 
 
 @pytest.fixture(scope="module")
@@ -78,11 +80,11 @@ def test_a_run_writes_config_metrics_tensorboard_and_checkpoints(uninterrupted):
 
 def test_kills_a_sigterm_and_a_full_disk_each_resume_to_the_same_params(env, uninterrupted,
                                                                          tmp_path):
-    """10 SIGKILLs (one per phase of kill_resume.PHASES, the rest drawn at random), a
-    SIGTERM and a run on a full disk, in a seeded order, each followed by the next run's
-    resume; every resume must load the newest complete checkpoint, and the end must be
-    bitwise the uninterrupted run's."""
-    events = kill_resume.schedule(seed=0, kills=10)
+    """6 SIGKILLs (one per phase of kill_resume.PHASES, one drawn at random; each process
+    costs ~20 s here), a SIGTERM and a run on a full disk, in a seeded order, each followed
+    by the next run's resume; every resume must load the newest complete checkpoint, and
+    the end must be bitwise the uninterrupted run's."""
+    events = kill_resume.schedule(seed=0, kills=KILLS)
     assert set(kill_resume.PHASES) <= {e.phase for e in events if e.kind == "sigkill"}
     experiment = kill_resume.KillResume(
         main_args(env, "--config.checkpoint_every=4", "--config.log_every=1"), str(tmp_path),
@@ -91,7 +93,7 @@ def test_kills_a_sigterm_and_a_full_disk_each_resume_to_the_same_params(env, uni
     events = experiment.run(events)
     report = "\n".join(json.dumps(kill_resume.summary_row(e)) for e in events)
     assert not [e for e in events if e.problems], report
-    assert [e.kind for e in events].count("sigkill") == 10 and events[-1].kind == "finish"
+    assert [e.kind for e in events].count("sigkill") == KILLS and events[-1].kind == "finish"
     # At least one kill cut a checkpoint write short; the next run warned and skipped it.
     cut = [i for i, e in enumerate(events) if e.kind == "sigkill" and e.interrupted_write]
     assert cut, report

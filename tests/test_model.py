@@ -207,8 +207,8 @@ def test_nlvr2_pair_uses_third_token_type():
 
 
 def test_remat_changes_nothing_but_memory():
-    shallow = {"text.num_layers": 2, "vision.num_layers": 2, "manager.num_layers": 2,
-               "heads": ("itm",)}
+    shallow = {"text.num_layers": 1, "vision.num_layers": 1, "cross.num_layers": 1,
+               "manager.num_layers": 1, "heads": ("itm",)}
     cfg = tiny_config("manager", **shallow)
     model, variables = init_variables(cfg)
     remat_model = build_model(tiny_config("manager", remat=True, **shallow))

@@ -19,14 +19,15 @@ from mtower_jax.train.state import create_train_state
 from mtower_jax.train.step import make_train_step
 
 
-def small_config(**overrides):
-    """Tiny, made shallower so each jitted step compiles in seconds; dropout off so that
-    updates are deterministic functions of the batch (manager noise off too)."""
+def small_config(layers: int = 2, **overrides):
+    """Tiny, made shallower (`layers` per encoder and cross-modal stack, as many managed)
+    so each jitted step compiles in seconds; dropout off so that updates are deterministic
+    functions of the batch (manager noise off too)."""
     config = get_config("model=tiny")
     config.unlock()
     config.model = tiny_config("manager", **{
-        "text.num_layers": 2, "vision.num_layers": 2, "cross.num_layers": 2,
-        "manager.num_layers": 2, "manager.noise": False,
+        "text.num_layers": layers, "vision.num_layers": layers, "cross.num_layers": layers,
+        "manager.num_layers": layers, "manager.noise": False,
         "text.dropout": 0.0, "text.attention_dropout": 0.0,
         "cross.dropout": 0.0, "cross.attention_dropout": 0.0})
     config.batch_size, config.total_steps = 8, 100
@@ -109,7 +110,7 @@ def test_groups_decay_mask_and_multipliers():
 
 
 def test_gradient_accumulation_gives_the_full_batch_update():
-    config = small_config(losses=("mlm", "itm"))
+    config = small_config(layers=1, losses=("mlm", "itm"))  # it compiles two steps
     params = random_variables(config.model, seed=1)["params"]
     batch = make_batch(config.model)
     results = []
