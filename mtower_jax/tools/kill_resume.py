@@ -242,7 +242,10 @@ class KillResume:
                 return any(n.startswith(prefix) and _identity(
                     os.path.join(self.checkpoint_dir, n)) not in old
                     for n in scan(self.checkpoint_dir)[1])
-            if not self._wait_until(proc, writing, 0.001):
+            # Watch only once the run has stepped: during start-up, Orbax's clean-up of a
+            # leftover directory changes its identity (ctime) and looked like a new write.
+            if not (self._wait_until(proc, logged(resumed + 1), 0.005)
+                    and self._wait_until(proc, writing, 0.001)):
                 return None
             event.moment = f"while checkpoint {save} was being written"
         elif event.phase == "saved":
