@@ -14,8 +14,8 @@ Not counted: embedding gathers, LayerNorm, softmax, activations, residual adds, 
 managers' expert mix sum_n alpha_n X_n and the losses (elementwise; XLA's own count includes
 them, hence its larger total, see tests/test_flops.py), and recomputation: of
 `model.remat`, and of the MLM logits, which the blockwise loss (models/vocab_decoder.py)
-makes again in its backward pass (MFU counts the model's FLOPs, not the hardware's). Padding tokens cost the
-same as real ones: the model always runs on `max_text_len` tokens. `model.scan_layers` changes
+makes again in its backward pass (MFU counts the model's FLOPs, not the hardware's).
+Padding tokens cost the same as real ones: the model always runs on `max_text_len` tokens. `model.scan_layers` changes
 nothing: a scanned encoder does the same matmuls, num_layers times (traced_matmul_flops counts
 a scan body `length` times; XLA's cost_analysis counts it once).
 
