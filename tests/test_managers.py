@@ -217,11 +217,15 @@ def test_softmax_mix_gradient_matches_autodiff(logits_shape):
     g = jax.random.normal(keys[2], (3, 5, 8))
     tau = jnp.float32(0.7)
     reference = lambda l, t, x: jnp.sum(jax.nn.softmax(l / t, axis=0) * x, axis=0)
-    np.testing.assert_allclose(_softmax_mix(logits, tau, experts),
-                               reference(logits, tau, experts), rtol=1e-6, atol=1e-6)
-    loss = lambda f: lambda *a: jnp.sum(g * f(*a))
-    ours = jax.grad(loss(_softmax_mix), argnums=(0, 1, 2))(logits, tau, experts)
-    theirs = jax.grad(loss(reference), argnums=(0, 1, 2))(logits, tau, experts)
+    mix, weights = _softmax_mix(logits, tau, experts)
+    np.testing.assert_allclose(mix, reference(logits, tau, experts), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(weights, jnp.mean(jax.nn.softmax(logits / tau, axis=0), -1),
+                               rtol=1e-6, atol=1e-7)
+    # The weights are a report: a loss that reads them gets no gradient through them.
+    ours = jax.grad(lambda *a: jnp.sum(g * _softmax_mix(*a)[0]) + jnp.sum(_softmax_mix(*a)[1]),
+                    argnums=(0, 1, 2))(logits, tau, experts)
+    theirs = jax.grad(lambda *a: jnp.sum(g * reference(*a)), argnums=(0, 1, 2))(
+        logits, tau, experts)
     for a, b in zip(ours, theirs):
         assert a.shape == b.shape and a.dtype == b.dtype
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

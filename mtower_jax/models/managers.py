@@ -37,14 +37,17 @@ def _softmax_weights(logits: jax.Array, n: int) -> list[jax.Array]:
     spelled out (BENCHMARKS.md)."""
     top = functools.reduce(jnp.maximum, [logits[i] for i in range(n)])
     exps = [jnp.exp(logits[i] - top) for i in range(n)]
-    total = functools.reduce(jnp.add, exps)
-    return [e / total for e in exps]
+    inverse = 1.0 / functools.reduce(jnp.add, exps)  # one division per element, not N
+    return [e * inverse for e in exps]
 
 
 @jax.custom_vjp
-def _softmax_mix(logits: jax.Array, tau: jax.Array, experts: jax.Array) -> jax.Array:
+def _softmax_mix(logits: jax.Array, tau: jax.Array,
+                 experts: jax.Array) -> tuple[jax.Array, jax.Array]:
     """sum_n alpha_n * experts_n, alpha = softmax_n(logits / tau): logits float32
-    broadcastable to experts [N, B, L, D], tau a scalar -> [B, L, D].
+    broadcastable to experts [N, B, L, D], tau a scalar -> ([B, L, D], the weights alpha
+    averaged over their last dim [N, *logits.shape[1:-1]]). The weights are a report: the
+    backward ignores their cotangent (they came from a stop_gradient copy before).
 
     Its gradient is written out, one elementwise pass per expert (autodiff took 3x longer,
     and its reduction for tau over the whole [N, B, L, D] logits was most of a manager's
@@ -58,25 +61,33 @@ def _softmax_mix(logits: jax.Array, tau: jax.Array, experts: jax.Array) -> jax.A
 
 
 def _mix_forward(logits: jax.Array, tau: jax.Array, experts: jax.Array) -> tuple:
-    alpha = _softmax_weights(logits / tau, experts.shape[0])
+    alpha = _softmax_weights(logits * (1.0 / tau), experts.shape[0])
     mix = functools.reduce(jnp.add, [a.astype(experts.dtype) * experts[i]
                                      for i, a in enumerate(alpha)])
-    return mix, (experts, alpha, mix, tau)
+    weights = jnp.stack([jnp.mean(a, axis=-1) for a in alpha])
+    return (mix, weights), (experts, alpha, mix, tau)
 
 
-def _mix_backward(residuals: tuple, g: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+def _mix_backward(residuals: tuple, cotangents: tuple) -> tuple[jax.Array, jax.Array, jax.Array]:
     experts, alpha, mix, tau = residuals
+    g, _ = cotangents  # the weights' cotangent: a report, not differentiated
+    inverse_tau = 1.0 / tau
     shape = (len(alpha),) + alpha[0].shape  # the logits' (each alpha_n has logits_n's shape)
     broadcast = tuple(d - 1 for d in range(1, experts.ndim) if shape[d] == 1)
     g32 = g.astype(jnp.float32)
     spread = [(experts[i] - mix).astype(jnp.float32) for i in range(len(alpha))]
     d_experts = jnp.stack([(a.astype(g.dtype) * g) for a in alpha])
-    d_logits = [a * g32 * s / tau for a, s in zip(alpha, spread)]
+    d_logits = [a * g32 * s * inverse_tau for a, s in zip(alpha, spread)]
     d_logits = jnp.stack([jnp.sum(d, axis=broadcast, keepdims=True) if broadcast else d
                           for d in d_logits])
-    entropy_spread = functools.reduce(jnp.add, [jax.scipy.special.xlogy(a, a) * s
+    # alpha log(alpha) with the log's argument clamped, not xlogy: xlogy's select made this
+    # term 2/3 of a noisy manager's mix backward on XLA:CPU (BENCHMARKS.md); alpha = 0 still
+    # gives 0. The sum over [B, L, D] is a dot against ones per row, XLA:CPU's fast reduction.
+    tiny = jnp.finfo(jnp.float32).tiny
+    entropy_spread = functools.reduce(jnp.add, [a * jnp.log(jnp.maximum(a, tiny)) * s
                                                 for a, s in zip(alpha, spread)])
-    d_tau = -jnp.vdot(g32, jnp.broadcast_to(entropy_spread, g32.shape)) / tau
+    rows = (entropy_spread * g32).reshape(-1, g.shape[-1])
+    d_tau = -jnp.sum(rows @ jnp.ones((g.shape[-1],), jnp.float32)) * inverse_tau
     return d_logits.reshape(shape), d_tau.astype(tau.dtype), d_experts
 
 
@@ -113,12 +124,11 @@ class _ManagerBase(nn.Module):
             noise = sampling.standard_normal(self.make_rng("dropout"), experts.shape)
             logits = logits + noise / num_experts
         tau = self._temperature()
-        out = _softmax_mix(logits, tau.astype(jnp.float32), experts)
+        out, weights = _softmax_mix(logits, tau.astype(jnp.float32), experts)
         if cross is not None:
             out = out + self._cross_weight(experts.shape[-1]).astype(self.dtype) * cross
-        alpha = _softmax_weights(jax.lax.stop_gradient(logits / tau), num_experts)  # reports
-        weights = [jnp.broadcast_to(jnp.mean(a, axis=-1), experts.shape[1:-1]) for a in alpha]
-        return out, jnp.stack(weights, axis=-1)  # [B, L, N]
+        weights = jnp.broadcast_to(weights, (num_experts,) + experts.shape[1:-1])
+        return out, jnp.moveaxis(weights, 0, -1)  # [B, L, N]
 
     def _norms(self, experts: jax.Array, previous: jax.Array | None):
         eps, kw = self.cfg.layer_norm_eps, dict(dtype=self.dtype, param_dtype=self.param_dtype)
