@@ -46,7 +46,8 @@ def test_analytic_count_equals_the_traced_matmuls(name):
     cfg = VARIANTS[name]
     forward, params, inputs = forward_fn(cfg, batch_size=2)
     traced = flops.traced_matmul_flops(forward, params, inputs)
-    assert traced == 2 * flops.forward_flops(cfg, passes=model_forward_passes(cfg))
+    assert traced == (2 * flops.forward_flops(cfg, passes=model_forward_passes(cfg))
+                      + flops.aaue_weight_product_flops(cfg))
 
 
 def test_xla_cost_analysis_agrees():
@@ -68,8 +69,8 @@ def test_xla_cost_analysis_agrees():
 
     small = model_config("small")
     forward, params, inputs = forward_fn(small)
-    ratio = flops.forward_flops(small, passes=model_forward_passes(small)) / xla_flops(
-        forward, params, inputs)
+    ratio = (flops.forward_flops(small, passes=model_forward_passes(small))
+             + flops.aaue_weight_product_flops(small)) / xla_flops(forward, params, inputs)
     assert 0.97 < ratio < 1.0
 
 
@@ -109,7 +110,8 @@ def test_pretrain_passes_match_the_objective(losses):
     passes = flops.pretrain_passes(image_encodes_per_example=1, mlm_positions=cfg.max_text_len,
                                    itc_batch=batch_size if "itc" in losses else 0)
     dead = flops.fusion_flops(cfg) - flops.fusion_flops(cfg, text_only=True)
-    assert traced == batch_size * (flops.forward_flops(cfg, passes=passes) + dead)
+    per_call = 2 * flops.aaue_weight_product_flops(cfg)  # the MLM and the ITM fusion
+    assert traced == batch_size * (flops.forward_flops(cfg, passes=passes) + dead) + per_call
     assert flops.pretrain_step_flops(
         cfg, batch_size, image_encodes_per_example=1, mlm_positions=cfg.max_text_len,
         itc_batch=passes["itc_batch"]) == 3 * batch_size * flops.forward_flops(cfg, passes=passes)

@@ -107,8 +107,13 @@ def test_aaue_matches_reference(weight_type):
     experts, previous, other = inputs(1)
     module = AAUE(manager_cfg(weight_type=weight_type))
     variables = init(module, experts, previous, other, seed=1)
-    out, weights = module.apply(variables, experts, previous, other, False)
-    p = unbox_np(variables["params"])
+    # Every parameter moved off its initial value, so the biases (zero at init) take part:
+    # the module folds b_k away and b_q through W_k, which the reference does not.
+    leaves, tree = jax.tree.flatten(unbox_np(variables["params"]))
+    keys = jax.random.split(jax.random.PRNGKey(2), len(leaves))
+    p = jax.tree.unflatten(tree, [x + 0.3 * np.asarray(jax.random.normal(k, np.shape(x)))
+                                  for x, k in zip(leaves, keys)])
+    out, weights = module.apply({"params": p}, experts, previous, other, False)
     expected, alpha = aaue_reference(p, experts, previous, other)
     np.testing.assert_allclose(out, expected, atol=2e-5)
     np.testing.assert_allclose(weights, alpha, atol=1e-6)

@@ -280,6 +280,16 @@ def test_dropout_keeps_a_fraction_q_and_preserves_the_mean():
     assert abs((pairs[:, 0] & pairs[:, 1]).mean() - q * q) < 0.002
 
 
+@pytest.mark.parametrize("n", [1, 2, 7, 4096, 100_003])
+def test_random_bits_are_jax_random_bits(n):
+    """sampling.random_bits (threefry unrolled) draws jax's own words, for raw and typed keys."""
+    from mtower_jax.models import sampling
+    for key in (jax.random.PRNGKey(n), jax.random.fold_in(jax.random.key(7), n)):
+        ours = jax.jit(sampling.random_bits, static_argnums=1)(key, n)
+        assert ours.dtype == jnp.uint32 and ours.shape == (n,)
+        np.testing.assert_array_equal(ours, jax.random.bits(key, (n,), jnp.uint32))
+
+
 def test_sampled_normals_match_the_standard_normal():
     from mtower_jax.models import sampling
     z = np.asarray(sampling.standard_normal(jax.random.PRNGKey(0), (1000, 999)))

@@ -183,7 +183,8 @@ def test_flop_counts_are_the_same_scanned_or_unrolled():
                        flops.traced_matmul_flops(jax.grad(loss), params, inputs)))
         assert flops.forward_flops(c, passes=passes) == flops.forward_flops(cfg, passes=passes)
     assert counts[0] == counts[1]
-    assert counts[0][0] == 2 * flops.forward_flops(cfg, passes=passes)
+    assert counts[0][0] == (2 * flops.forward_flops(cfg, passes=passes)
+                            + flops.aaue_weight_product_flops(cfg))
 
 
 def test_init_from_converts_either_layout():

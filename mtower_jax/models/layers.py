@@ -39,20 +39,36 @@ class Dense(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
-        if len(self.axes) != self.contract_dims + len(features):
-            raise ValueError(f"{self.name}: axes {self.axes} do not fit {self.contract_dims} input "
-                             f"and {len(features)} output dims")
-        in_shape = x.shape[x.ndim - self.contract_dims:]
-        kernel = self.param("kernel", logical(normal_init(), self.axes), in_shape + features,
-                            self.param_dtype)
+        kernel, bias = dense_parameters(self, x.shape[x.ndim - self.contract_dims:])
         y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=self.contract_dims)
-        if self.use_bias:
-            bias = self.param("bias", logical(nn.initializers.zeros_init(),
-                                              self.axes[self.contract_dims:]),
-                              features, self.param_dtype)
-            y = y + bias.astype(self.dtype)
-        return y
+        return y if bias is None else y + bias.astype(self.dtype)
+
+
+class DenseWeights(Dense):
+    """A Dense layer's parameters, the same names and axes, without the product:
+    `DenseWeights(...)(in_shape)` -> (W, b or None), for callers that combine weights before
+    applying them (managers.AAUE multiplies its query and key maps)."""
+
+    @nn.compact
+    def __call__(self, in_shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array | None]:
+        return dense_parameters(self, tuple(in_shape))
+
+
+def dense_parameters(module: Dense, in_shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array | None]:
+    """Creates (or reads) `kernel` [*in_shape, *features] and, with use_bias, `bias`
+    [*features] in `module`'s scope; called from its compact __call__."""
+    features = (module.features,) if isinstance(module.features, int) else tuple(module.features)
+    if len(module.axes) != module.contract_dims + len(features):
+        raise ValueError(f"{module.name}: axes {module.axes} do not fit {module.contract_dims} "
+                         f"input and {len(features)} output dims")
+    kernel = module.param("kernel", logical(normal_init(), module.axes), in_shape + features,
+                          module.param_dtype)
+    if not module.use_bias:
+        return kernel, None
+    bias = module.param("bias", logical(nn.initializers.zeros_init(),
+                                        module.axes[module.contract_dims:]),
+                        features, module.param_dtype)
+    return kernel, bias
 
 
 class LayerNorm(nn.Module):

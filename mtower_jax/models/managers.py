@@ -11,6 +11,7 @@ transform + token type + layer embedding) and C = C_{l-1} the stream's previous 
   AAUE (adaptive, l >= 2; layer 1 is always SAUE since there is no C_0):
       c = LN_c(C),  q = LN_q(C_other)                       C_other: the other stream's C_{l-1}
       a = softmax((c W_q + b_q)(q W_k + b_k)^T / sqrt(D)) q  single head, no value projection, no mask
+                                                            (computed as (c W_q W_k^T + b_q W_k^T) q^T)
       s = [a ; c] W + b                                     [B, L, N]: per-token expert logits
       out = sum_n softmax_n((s_n + eps_n) / tau) * LN_n(X_n) + w_c * c
 
@@ -27,7 +28,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from mtower_jax.models import sampling
-from mtower_jax.models.layers import Dense, Dtype, LayerNorm
+from mtower_jax.models.layers import Dense, DenseWeights, Dtype, LayerNorm
 from mtower_jax.models.partitioning import logical
 
 
@@ -169,9 +170,17 @@ class AAUE(_ManagerBase):
         num_experts, width = experts.shape[0], experts.shape[-1]
         experts, c = self._norms(experts, previous)
         q = LayerNorm(self.cfg.layer_norm_eps, name="query_norm", **kw)(other_previous)
-        scores = jnp.einsum("bld,bmd->blm",
-                            Dense(width, ("embed", "kv"), name="query_proj", **kw)(c),
-                            Dense(width, ("embed", "kv"), name="key_proj", **kw)(q))
+        # (c W_q + b_q)(q W_k + b_k)^T = (c W_q W_k^T + b_q W_k^T) q^T + terms constant along
+        # the keys (those with b_k), which the softmax over the keys cancels: one [B, L, D]
+        # projection through the [D, D] product instead of one per stream (b_k's gradient is
+        # zero either way).
+        w_q, b_q = DenseWeights(width, ("embed", "kv"), name="query_proj", **kw)((width,))
+        w_k, _ = DenseWeights(width, ("embed", "kv"), name="key_proj", **kw)((width,))
+        w_q, b_q, w_k = (x.astype(self.dtype) for x in (w_q, b_q, w_k))
+        # [D, D] and [D] products contracted over the kv axis, no transposed copy of W_k.
+        queries = (c.astype(self.dtype) @ jnp.einsum("dk,ek->de", w_q, w_k)
+                   + jnp.einsum("k,ek->e", b_q, w_k))  # in q's space
+        scores = jnp.einsum("bld,bmd->blm", queries, q)
         attn = jax.nn.softmax(scores.astype(jnp.float32) / jnp.sqrt(width), axis=-1)
         a = jnp.einsum("blm,bmd->bld", attn.astype(self.dtype), q)
         logits = Dense(num_experts, ("embed", "experts"), name="controller", **kw)(

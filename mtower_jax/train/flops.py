@@ -12,7 +12,9 @@ gradient for both operands of every matmul, 2x the forward):
 
 Not counted: embedding gathers, LayerNorm, softmax, activations, residual adds, the
 managers' expert mix sum_n alpha_n X_n and the losses (elementwise; XLA's own count includes
-them, hence its larger total, see tests/test_flops.py), and recomputation: of
+them, hence its larger total, see tests/test_flops.py), the AAUE managers' [D, D] weight
+products (`aaue_weight_product_flops`: once per fusion call, whatever the batch; 0.5% of a
+`small` step at batch 32), and recomputation: of
 `model.remat`, and of the MLM logits, which the blockwise loss (models/vocab_decoder.py)
 makes again in its backward pass (MFU counts the model's FLOPs, not the hardware's).
 Padding tokens cost the same as real ones: the model always runs on `max_text_len` tokens. `model.scan_layers` changes
@@ -98,9 +100,19 @@ def image_encoder_flops(model_cfg: ml_collections.ConfigDict) -> float:
 
 
 def _aaue_flops(q_len: int, other_len: int, width: int, experts: int) -> float:
-    """query_proj, key_proj, single-head scores and mix, controller([a ; c]) -> N."""
-    return (_dense(q_len, width, width) + _dense(other_len, width, width)
-            + 4.0 * q_len * other_len * width + _dense(q_len, 2 * width, experts))
+    """The query through W_q W_k^T (key_proj folded in, managers.AAUE; the [D, D] product,
+    once per batch, is left out), single-head scores and mix, controller([a ; c]) -> N."""
+    return (_dense(q_len, width, width) + 4.0 * q_len * other_len * width
+            + _dense(q_len, 2 * width, experts))
+
+
+def aaue_weight_product_flops(model_cfg: ml_collections.ConfigDict) -> float:
+    """Forward FLOPs of one fusion call's AAUE weight products, W_q W_k^T [D, D] and
+    b_q W_k^T, one per AAUE manager of each stream: a per-call cost, not per example."""
+    c = model_cfg.cross
+    if model_cfg.tower != "manager" or model_cfg.manager.type != "AAUE":
+        return 0.0
+    return 2 * (c.num_layers - 1) * (2.0 * c.hidden_size ** 3 + 2.0 * c.hidden_size ** 2)
 
 
 def image_transform_flops(model_cfg: ml_collections.ConfigDict) -> float:
