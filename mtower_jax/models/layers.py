@@ -54,7 +54,8 @@ class DenseWeights(Dense):
         return dense_parameters(self, tuple(in_shape))
 
 
-def dense_parameters(module: Dense, in_shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array | None]:
+def dense_parameters(module: Dense,
+                     in_shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array | None]:
     """Creates (or reads) `kernel` [*in_shape, *features] and, with use_bias, `bias`
     [*features] in `module`'s scope; called from its compact __call__."""
     features = (module.features,) if isinstance(module.features, int) else tuple(module.features)

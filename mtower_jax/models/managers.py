@@ -11,7 +11,7 @@ transform + token type + layer embedding) and C = C_{l-1} the stream's previous 
   AAUE (adaptive, l >= 2; layer 1 is always SAUE since there is no C_0):
       c = LN_c(C),  q = LN_q(C_other)                       C_other: the other stream's C_{l-1}
       a = softmax((c W_q + b_q)(q W_k + b_k)^T / sqrt(D)) q  single head, no value projection, no mask
-                                                            (computed as (c W_q W_k^T + b_q W_k^T) q^T)
+                                                            (as (c W_q W_k^T + b_q W_k^T) q^T)
       s = [a ; c] W + b                                     [B, L, N]: per-token expert logits
       out = sum_n softmax_n((s_n + eps_n) / tau) * LN_n(X_n) + w_c * c
 
@@ -48,7 +48,7 @@ def _softmax_mix(logits: jax.Array, tau: jax.Array,
     """sum_n alpha_n * experts_n, alpha = softmax_n(logits / tau): logits float32
     broadcastable to experts [N, B, L, D], tau a scalar -> ([B, L, D], the weights alpha
     averaged over their last dim [N, *logits.shape[1:-1]]). The weights are a report: the
-    backward ignores their cotangent (they came from a stop_gradient copy before).
+    backward ignores their cotangent, so a loss that reads them gets no gradient from them.
 
     Its gradient is written out, one elementwise pass per expert (autodiff took 3x longer,
     and its reduction for tau over the whole [N, B, L, D] logits was most of a manager's

@@ -13,7 +13,7 @@ gradient for both operands of every matmul, 2x the forward):
 Not counted: embedding gathers, LayerNorm, softmax, activations, residual adds, the
 managers' expert mix sum_n alpha_n X_n and the losses (elementwise; XLA's own count includes
 them, hence its larger total, see tests/test_flops.py), the AAUE managers' [D, D] weight
-products (`aaue_weight_product_flops`: once per fusion call, whatever the batch; 0.5% of a
+products (`aaue_weight_product_flops`: once per fusion call, whatever the batch; 0.2% of a
 `small` step at batch 32), and recomputation: of
 `model.remat`, and of the MLM logits, which the blockwise loss (models/vocab_decoder.py)
 makes again in its backward pass (MFU counts the model's FLOPs, not the hardware's).
