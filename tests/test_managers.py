@@ -8,6 +8,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from mtower_jax.models.layers import standardise
 from mtower_jax.models.managers import AAUE, SAUE, make_manager
 
 N, B, L, L_OTHER, D = 3, 2, 5, 4, 16
@@ -92,7 +93,9 @@ def test_saue_matches_reference(weight_type, first):
     experts, previous, other = inputs()
     module = SAUE(manager_cfg(type="SAUE", weight_type=weight_type), first_layer=first)
     variables = init(module, experts, previous, other)
-    out, weights = module.apply(variables, experts, previous, other, False)
+    # The module takes the experts standardised (towers.ManagerInputs.prepare does it once for
+    # every manager); the reference applies whole LayerNorms.
+    out, weights = module.apply(variables, standardise(experts, 1e-5), previous, other, False)
     p = unbox_np(variables["params"])
     np.testing.assert_allclose(out, saue_reference(p, experts, previous, first), atol=2e-5)
     expected = softmax(p["expert_weights"] / p["temperature"], axis=0).mean(-1)  # [N]
@@ -113,7 +116,8 @@ def test_aaue_matches_reference(weight_type):
     keys = jax.random.split(jax.random.PRNGKey(2), len(leaves))
     p = jax.tree.unflatten(tree, [x + 0.3 * np.asarray(jax.random.normal(k, np.shape(x)))
                                   for x, k in zip(leaves, keys)])
-    out, weights = module.apply({"params": p}, experts, previous, other, False)
+    out, weights = module.apply({"params": p}, standardise(experts, 1e-5), previous, other,
+                                False)
     expected, alpha = aaue_reference(p, experts, previous, other)
     np.testing.assert_allclose(out, expected, atol=2e-5)
     np.testing.assert_allclose(weights, alpha, atol=1e-6)
@@ -166,7 +170,7 @@ def test_noise_is_per_element_with_std_one_over_n():
 
 def test_scalar_weights_are_shared_across_channels_vector_weights_are_not():
     experts, previous, other = inputs()
-    # Expert 0 is a +-1 pattern (LayerNorm leaves it as is), the others are zero (normed to 0),
+    # Expert 0 is a +-1 pattern (standardised already), the others are zero,
     # so channel d of the output is alpha[0, d] * pattern[d].
     pattern = np.where(np.arange(D) % 2 == 0, 1.0, -1.0).astype(np.float32)
     probe = np.zeros((N, 1, 1, D), np.float32)
@@ -213,24 +217,37 @@ def test_first_layer_is_saue_even_for_aaue():
         AAUE(manager_cfg()).init(jax.random.PRNGKey(0), experts, None, other, False)
 
 
-@pytest.mark.parametrize("logits_shape", [(4, 3, 5, 8), (4, 1, 1, 8), (4, 3, 5, 1)])
-def test_softmax_mix_gradient_matches_autodiff(logits_shape):
+@pytest.mark.parametrize("noise", [False, True])
+@pytest.mark.parametrize("logits_shape", [(4, 3, 5, 8), (4, 1, 1, 8), (4, 3, 5, 1), (4, 1, 1, 1)])
+def test_softmax_mix_gradient_matches_autodiff(logits_shape, noise):
     from mtower_jax.models.managers import _softmax_mix
-    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    keys = jax.random.split(jax.random.PRNGKey(0), 6)
     logits = 3 * jax.random.normal(keys[0], logits_shape)
     experts = jax.random.normal(keys[1], (4, 3, 5, 8))
-    g = jax.random.normal(keys[2], (3, 5, 8))
+    scale = 1 + 0.3 * jax.random.normal(keys[2], (4, 8))
+    bias = 0.3 * jax.random.normal(keys[3], (4, 8))
+    g = jax.random.normal(keys[4], (3, 5, 8))
+    eps = jax.random.normal(keys[5], experts.shape) if noise else None
     tau = jnp.float32(0.7)
-    reference = lambda l, t, x: jnp.sum(jax.nn.softmax(l / t, axis=0) * x, axis=0)
-    mix, weights = _softmax_mix(logits, tau, experts)
-    np.testing.assert_allclose(mix, reference(logits, tau, experts), rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(weights, jnp.mean(jax.nn.softmax(logits / tau, axis=0), -1),
+
+    def reference(l, t, x, s, b):
+        affine = x * s[:, None, None, :] + b[:, None, None, :]
+        u = l if eps is None else l + eps
+        return jnp.sum(jax.nn.softmax(u / t, axis=0) * affine, axis=0)
+
+    args = (logits, tau, experts, scale, bias)
+    # The managers add the noise to the logits before the mix.
+    ours = lambda l, t, x, s, b: _softmax_mix(l if eps is None else l + eps, t, x, s, b)
+    mix, weights = ours(*args)
+    np.testing.assert_allclose(mix, reference(*args), rtol=1e-6, atol=1e-6)
+    u = logits if eps is None else logits + eps
+    np.testing.assert_allclose(weights, jnp.mean(jax.nn.softmax(u / tau, axis=0), -1),
                                rtol=1e-6, atol=1e-7)
     # The weights are a report: a loss that reads them gets no gradient through them.
-    ours = jax.grad(lambda *a: jnp.sum(g * _softmax_mix(*a)[0]) + jnp.sum(_softmax_mix(*a)[1]),
-                    argnums=(0, 1, 2))(logits, tau, experts)
-    theirs = jax.grad(lambda *a: jnp.sum(g * reference(*a)), argnums=(0, 1, 2))(
-        logits, tau, experts)
-    for a, b in zip(ours, theirs):
+    argnums = tuple(range(len(args)))
+    mine = jax.grad(lambda *a: jnp.sum(g * ours(*a)[0]) + jnp.sum(ours(*a)[1]),
+                    argnums=argnums)(*args)
+    theirs = jax.grad(lambda *a: jnp.sum(g * reference(*a)), argnums=argnums)(*args)
+    for a, b in zip(mine, theirs):
         assert a.shape == b.shape and a.dtype == b.dtype
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

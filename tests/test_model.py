@@ -299,30 +299,29 @@ def test_sampled_normals_match_the_standard_normal():
     assert np.abs(z).max() < 4.34  # the grid's outermost points, +-Phi^-1(2^-17)
 
 
-@pytest.mark.parametrize("stacked", [0, 3])
+@pytest.mark.parametrize("affine", [True, False], ids=["layer_norm", "standardise"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_layer_norm_gradient_matches_autodiff(stacked, dtype):
-    from mtower_jax.models.layers import LayerNorm
+def test_layer_norm_gradient_matches_autodiff(affine, dtype):
+    from mtower_jax.models.layers import LayerNorm, standardise
     keys = jax.random.split(jax.random.PRNGKey(0), 4)
-    shape = (3, 5, 7, 16) if stacked else (5, 7, 16)
-    params = (stacked, 16) if stacked else (16,)
+    shape = (5, 7, 16)
     x = (3 * jax.random.normal(keys[0], shape) + 1).astype(dtype)
-    variables = {"params": {"scale": 1 + 0.3 * jax.random.normal(keys[1], params),
-                            "bias": 0.3 * jax.random.normal(keys[2], params)}}
+    variables = {"params": {"scale": 1 + 0.3 * jax.random.normal(keys[1], (16,)),
+                            "bias": 0.3 * jax.random.normal(keys[2], (16,))}}
     g = jax.random.normal(keys[3], shape)
-    layer = LayerNorm(1e-5, stacked=stacked, dtype=dtype)
+    if affine:
+        ours = lambda v, x: LayerNorm(1e-5, dtype=dtype).apply(v, x)
+    else:  # the managers' shared part of their expert norms; no parameters
+        ours = lambda v, x: standardise(x, 1e-5)
 
     def reference(variables, x):
         scale, bias = variables["params"]["scale"], variables["params"]["bias"]
         x32 = x.astype(jnp.float32)
         mean = x32.mean(-1, keepdims=True)
         y = (x32 - mean) / jnp.sqrt(((x32 - mean) ** 2).mean(-1, keepdims=True) + 1e-5)
-        if stacked:
-            scale, bias = scale[:, None, None], bias[:, None, None]
-        return (y * scale + bias).astype(dtype)
+        return (y * scale + bias).astype(dtype) if affine else y
 
     tol = dict(rtol=2e-2, atol=2e-2) if dtype == jnp.bfloat16 else dict(rtol=1e-5, atol=1e-5)
-    ours = lambda v, x: layer.apply(v, x)
     np.testing.assert_allclose(np.asarray(ours(variables, x), np.float32),
                                np.asarray(reference(variables, x), np.float32), **tol)
     loss = lambda f: lambda v, x: jnp.sum(g * f(v, x).astype(jnp.float32))

@@ -5,10 +5,13 @@ tokens 65, hidden 256, 4 heads, N = 4 managed layers):
     python -m mtower_jax.bench.kernels
 
     layer_norm      forward + backward at [32, 65, 256]: autodiff vs layers.layer_norm's
-                    written-out gradient; and the managers' N stacked norms
+                    written-out gradient
     manager_mix     sum_n softmax_n(logits) X_n, forward + backward: jax.nn.softmax over the
                     expert axis vs N elementwise terms (autodiff) vs managers._softmax_mix
                     (the same terms with the gradient written out)
+    manager_norms   one manager's N expert LayerNorms + its mix, forward + backward: whole
+                    norms, then the mix vs the affine maps inside the mix on experts
+                    standardised once for every manager (`standardise_once`: that once)
     dropout_mask    jax.random.bernoulli vs sampling.keep_mask (16-bit uniforms)
     manager_noise   jax.random.normal vs sampling.standard_normal (quantile table)
     attention       attention.py's separate Q/K/V projections vs one fused QKV matmul vs
@@ -31,7 +34,7 @@ from absl import app, flags
 
 from mtower_jax.bench.train_step import median_seconds
 from mtower_jax.models import sampling
-from mtower_jax.models.layers import LayerNorm, _normalise
+from mtower_jax.models.layers import LayerNorm, _normalise, layer_norm, standardise
 from mtower_jax.models.managers import _softmax_mix, _softmax_weights
 from mtower_jax.models.vocab_decoder import blockwise_cross_entropy
 
@@ -83,25 +86,40 @@ def measure(repeats: int) -> dict:
         return _normalise(x, 1e-5)[0] * scale + bias
     norm = LayerNorm(1e-5)
     ones, zeros = jnp.ones((D,)), jnp.zeros((D,))
-    stacked_norm = LayerNorm(1e-5, stacked=N)
-    stacked_vars = stacked_norm.init(keys[7], experts)
+    scales, biases = jnp.ones((N, D)), jnp.zeros((N, D))
+
+    def norms_then_mix(logits, experts, scales, biases):
+        normed = jnp.stack([layer_norm(experts[n], scales[n], biases[n], 1e-5)
+                            for n in range(N)])
+        identity = (jnp.ones_like(scales), jnp.zeros_like(biases))  # applied by the norms
+        return _softmax_mix(logits, jnp.float32(1.0), normed, *identity)[0]
+
+    def affine_in_mix(logits, standardised, scales, biases):
+        return _softmax_mix(logits, jnp.float32(1.0), standardised, scales, biases)[0]
+
+    standardised = jnp.stack([standardise(x, 1e-5) for x in experts])
     return {
         "layer_norm": {
             "autodiff": _ms(_fwd_bwd(autodiff_norm, (0, 1, 2)), ones, zeros, x,
                             repeats=repeats),
             "custom_vjp": _ms(_fwd_bwd(lambda s, b, x: norm.apply(
                 {"params": {"scale": s, "bias": b}}, x), (0, 1, 2)), ones, zeros, x,
-                repeats=repeats),
-            "stacked_N_custom_vjp": _ms(_fwd_bwd(stacked_norm.apply, (0, 1)), stacked_vars,
-                                        experts, repeats=repeats)},
+                repeats=repeats)},
         "manager_mix": {
             "softmax_over_axis0": _ms(_fwd_bwd(reduce_mix, (0, 1)), logits, experts,
                                       repeats=repeats),
             "elementwise_terms": _ms(_fwd_bwd(elementwise_autodiff, (0, 1)), logits,
                                      experts, repeats=repeats),
-            "elementwise_custom_vjp": _ms(_fwd_bwd(lambda *a: _softmax_mix(*a)[0], (0, 1, 2)),
-                                          logits, jnp.float32(1.0), experts,
-                                          repeats=repeats)},
+            "elementwise_custom_vjp": _ms(_fwd_bwd(
+                lambda l, x: _softmax_mix(l, jnp.float32(1.0), x, scales, biases)[0], (0, 1)),
+                logits, experts, repeats=repeats)},
+        "manager_norms": {
+            "norms_then_mix": _ms(_fwd_bwd(norms_then_mix, (0, 1, 2, 3)), logits, experts,
+                                  scales, biases, repeats=repeats),
+            "affine_in_mix": _ms(_fwd_bwd(affine_in_mix, (0, 1, 2, 3)), logits, standardised,
+                                 scales, biases, repeats=repeats),
+            "standardise_once": _ms(_fwd_bwd(lambda x: jnp.stack(
+                [standardise(e, 1e-5) for e in x]), (0,)), experts, repeats=repeats)},
         "dropout_mask": {
             "bernoulli": _ms(lambda k: jax.random.bernoulli(k, 0.9, shape), keys[7],
                              repeats=repeats),

@@ -73,31 +73,40 @@ def dense_parameters(module: Dense,
 
 
 class LayerNorm(nn.Module):
-    """y = (x - mean) / sqrt(var + eps) * scale + bias over the last dim, statistics in float32.
-
-    With `stacked=N` it holds N independent norms as [N, D] parameters and normalises an input
-    whose leading dim is N (the managers' per-expert norms, applied in one op).
-    """
+    """y = (x - mean) / sqrt(var + eps) * scale + bias over the last dim, statistics in float32."""
 
     epsilon: float
-    stacked: int = 0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        shape = (x.shape[-1],) if not self.stacked else (self.stacked, x.shape[-1])
-        axes = ("embed",) if not self.stacked else ("experts", "embed")
-        scale = self.param("scale", logical(nn.initializers.ones_init(), axes), shape,
-                           self.param_dtype)
-        bias = self.param("bias", logical(nn.initializers.zeros_init(), axes), shape,
-                          self.param_dtype)
-        scale, bias = scale.astype(jnp.float32), bias.astype(jnp.float32)
-        if not self.stacked:
-            return layer_norm(x, scale, bias, self.epsilon).astype(self.dtype)
-        # Norm by norm: XLA:CPU runs the [N, ..., D] backward as one slow fusion (6x).
-        return jnp.stack([layer_norm(x[n], scale[n], bias[n], self.epsilon)
-                          for n in range(self.stacked)]).astype(self.dtype)
+        scale, bias = layer_norm_parameters(self, (x.shape[-1],), ("embed",))
+        return layer_norm(x, scale.astype(jnp.float32), bias.astype(jnp.float32),
+                          self.epsilon).astype(self.dtype)
+
+
+class StackedLayerNormWeights(nn.Module):
+    """The parameters of N LayerNorms, scale and bias [N, D] (axes experts, embed), without
+    the normalisation: `StackedLayerNormWeights(N)(D)` -> (scale, bias). The managers apply
+    them to experts standardised once for all managers (`standardise`), inside their mix."""
+
+    stacked: int
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, width: int) -> tuple[jax.Array, jax.Array]:
+        return layer_norm_parameters(self, (self.stacked, width), ("experts", "embed"))
+
+
+def layer_norm_parameters(module: nn.Module, shape: tuple[int, ...],
+                          axes: tuple[str, ...]) -> tuple[jax.Array, jax.Array]:
+    """`scale` (ones) and `bias` (zeros) of `shape` in `module`'s scope."""
+    scale = module.param("scale", logical(nn.initializers.ones_init(), axes), shape,
+                         module.param_dtype)
+    bias = module.param("bias", logical(nn.initializers.zeros_init(), axes), shape,
+                        module.param_dtype)
+    return scale, bias
 
 
 def _normalise(x: jax.Array, epsilon: float) -> tuple[jax.Array, jax.Array]:
@@ -107,6 +116,12 @@ def _normalise(x: jax.Array, epsilon: float) -> tuple[jax.Array, jax.Array]:
     var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
     rstd = jax.lax.rsqrt(var + epsilon)
     return (x32 - mean) * rstd, rstd
+
+
+def _normalise_backward(x_hat: jax.Array, rstd: jax.Array, g: jax.Array) -> jax.Array:
+    """d x = rstd (g - mean(g) - x_hat mean(g x_hat)) (means over D), g = d x_hat float32."""
+    return rstd * (g - jnp.mean(g, axis=-1, keepdims=True)
+                   - x_hat * jnp.mean(g * x_hat, axis=-1, keepdims=True))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -136,13 +151,32 @@ def _layer_norm_backward(epsilon, residuals, g):
     rows, rows_hat = g.reshape(-1, g.shape[-1]), x_hat.reshape(-1, g.shape[-1])
     d_scale = jnp.einsum("md,md->d", rows, rows_hat)  # a dot: XLA:CPU's fast reduction
     d_bias = jnp.sum(rows, axis=0)
-    g_scaled = g * scale
-    d_x = rstd * (g_scaled - jnp.mean(g_scaled, axis=-1, keepdims=True)
-                  - x_hat * jnp.mean(g_scaled * x_hat, axis=-1, keepdims=True))
+    d_x = _normalise_backward(x_hat, rstd, g * scale)
     return d_x.astype(like_x.dtype), d_scale, d_bias
 
 
 layer_norm.defvjp(_layer_norm_forward, _layer_norm_backward)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def standardise(x: jax.Array, epsilon: float) -> jax.Array:
+    """x_hat = (x - mean) / sqrt(var + eps) over the last dim of x [..., D] -> float32: a
+    LayerNorm without its affine map, gradient written out as layer_norm's."""
+    return _normalise(x, epsilon)[0]
+
+
+def _standardise_forward(x, epsilon):
+    x_hat, rstd = _normalise(x, epsilon)
+    return x_hat, (x_hat, rstd, jnp.zeros((0,), x.dtype))
+
+
+def _standardise_backward(epsilon, residuals, g):
+    del epsilon
+    x_hat, rstd, like_x = residuals
+    return (_normalise_backward(x_hat, rstd, g.astype(jnp.float32)).astype(like_x.dtype),)
+
+
+standardise.defvjp(_standardise_forward, _standardise_backward)
 
 
 class Embed(nn.Module):

@@ -16,6 +16,10 @@ transform + token type + layer embedding) and C = C_{l-1} the stream's previous 
       out = sum_n softmax_n((s_n + eps_n) / tau) * LN_n(X_n) + w_c * c
 
 tau is a learnable temperature (init `manager.temperature`, frozen unless `learn_temperature`).
+LN_n(X_n) = x_hat_n * scale_n + bias_n: the managers take the experts standardised (x_hat,
+layers.standardise), once per stream for all of them (towers.ManagerInputs.prepare; for the
+image, once per step for MLM and ITM), and apply their own `expert_norms` affine maps inside
+the mix, which never materialises LN_n(X_n).
 Each manager returns its output [B, L, D] and its expert weights averaged over channels [B, L, N].
 """
 from __future__ import annotations
@@ -28,7 +32,8 @@ import jax.numpy as jnp
 import ml_collections
 
 from mtower_jax.models import sampling
-from mtower_jax.models.layers import Dense, DenseWeights, Dtype, LayerNorm
+from mtower_jax.models.layers import (Dense, DenseWeights, Dtype, LayerNorm,
+                                      StackedLayerNormWeights)
 from mtower_jax.models.partitioning import logical
 
 
@@ -43,53 +48,72 @@ def _softmax_weights(logits: jax.Array, n: int) -> list[jax.Array]:
 
 
 @jax.custom_vjp
-def _softmax_mix(logits: jax.Array, tau: jax.Array,
-                 experts: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """sum_n alpha_n * experts_n, alpha = softmax_n(logits / tau): logits float32
-    broadcastable to experts [N, B, L, D], tau a scalar -> ([B, L, D], the weights alpha
-    averaged over their last dim [N, *logits.shape[1:-1]]). The weights are a report: the
-    backward ignores their cotangent, so a loss that reads them gets no gradient from them.
+def _softmax_mix(logits: jax.Array, tau: jax.Array, experts: jax.Array, scale: jax.Array,
+                 bias: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """sum_n alpha_n * (experts_n * scale_n + bias_n), alpha = softmax_n(logits / tau):
+    experts [N, B, L, D] standardised (each expert's LayerNorm before its affine map, which
+    is scale, bias [N, D] float32), logits float32 broadcastable to experts, tau a scalar
+    -> ([B, L, D], the weights alpha averaged over their last dim [N, *logits.shape[1:-1]]).
+    The weights are a report: the backward ignores their cotangent, so a loss that reads
+    them gets no gradient from them.
 
+    The affine maps are applied here, not materialised per manager: every manager of a
+    stream shares one standardisation of its experts (towers.ManagerInputs.prepare).
     Its gradient is written out, one elementwise pass per expert (autodiff took 3x longer,
     and its reduction for tau over the whole [N, B, L, D] logits was most of a manager's
-    backward on XLA:CPU). With u_n = logits_n / tau:
-        d experts_n = alpha_n g,    d logits_n = alpha_n g (experts_n - mix) / tau
-        d tau = -(1/tau) sum g sum_n alpha_n log(alpha_n) (experts_n - mix)
-    (u_n may be replaced by log alpha_n: they differ by a per-element constant c, and
-    sum_n alpha_n c (experts_n - mix) = 0), so tau's reduction runs over [B, L, D] only.
-    d logits is summed over the dims logits broadcast along."""
-    return _mix_forward(logits, tau, experts)[0]
+    backward on XLA:CPU). With e_n = experts_n * scale_n + bias_n:
+        d e_n = alpha_n g,   d experts_n = d e_n scale_n,   d scale_n = sum d e_n experts_n,
+        d bias_n = sum d e_n   (sums over every row),
+        d logits_n = alpha_n g (e_n - mix) / tau   (summed over the dims logits broadcast along),
+        d tau = -(1/tau) sum g sum_n alpha_n log(alpha_n) (e_n - mix)
+    (from d alpha_n / d tau = -alpha_n (u_n - sum_m alpha_m u_m) / tau with u_n = logits_n / tau,
+    where u_n may be replaced by log alpha_n: they differ by a per-element constant, and
+    sum_n alpha_n c (e_n - mix) = 0), so tau's reduction runs over [B, L, D] only and the
+    logits need not be kept for the backward."""
+    return _mix_forward(logits, tau, experts, scale, bias)[0]
 
 
-def _mix_forward(logits: jax.Array, tau: jax.Array, experts: jax.Array) -> tuple:
+def _affine(experts: jax.Array, scale: jax.Array, bias: jax.Array, n: int) -> jax.Array:
+    """e_n = experts_n * scale_n + bias_n [B, L, D], in the experts' dtype."""
+    return experts[n] * scale[n].astype(experts.dtype) + bias[n].astype(experts.dtype)
+
+
+def _mix_forward(logits: jax.Array, tau: jax.Array, experts: jax.Array, scale: jax.Array,
+                 bias: jax.Array) -> tuple:
     alpha = _softmax_weights(logits * (1.0 / tau), experts.shape[0])
-    mix = functools.reduce(jnp.add, [a.astype(experts.dtype) * experts[i]
+    mix = functools.reduce(jnp.add, [a.astype(experts.dtype) * _affine(experts, scale, bias, i)
                                      for i, a in enumerate(alpha)])
     weights = jnp.stack([jnp.mean(a, axis=-1) for a in alpha])
-    return (mix, weights), (experts, alpha, mix, tau)
+    like_logits = jnp.zeros((0,) + logits.shape)  # carries the logits' shape, not their values
+    return (mix, weights), (like_logits, tau, experts, scale, bias, alpha, mix)
 
 
-def _mix_backward(residuals: tuple, cotangents: tuple) -> tuple[jax.Array, jax.Array, jax.Array]:
-    experts, alpha, mix, tau = residuals
+def _mix_backward(residuals: tuple, cotangents: tuple) -> tuple:
+    like_logits, tau, experts, scale, bias, alpha, mix = residuals
     g, _ = cotangents  # the weights' cotangent: a report, not differentiated
+    n, width = len(alpha), g.shape[-1]
     inverse_tau = 1.0 / tau
-    shape = (len(alpha),) + alpha[0].shape  # the logits' (each alpha_n has logits_n's shape)
-    broadcast = tuple(d - 1 for d in range(1, experts.ndim) if shape[d] == 1)
+    broadcast = tuple(d - 1 for d in range(1, experts.ndim) if like_logits.shape[d + 1] == 1)
     g32 = g.astype(jnp.float32)
-    spread = [(experts[i] - mix).astype(jnp.float32) for i in range(len(alpha))]
-    d_experts = jnp.stack([(a.astype(g.dtype) * g) for a in alpha])
-    d_logits = [a * g32 * s * inverse_tau for a, s in zip(alpha, spread)]
+    rows = lambda x: x.reshape(-1, width)
+    d_affine = [a * g32 for a in alpha]  # d e_n
+    d_experts = jnp.stack([(d * scale[i]).astype(g.dtype) for i, d in enumerate(d_affine)])
+    # Reductions, not dots: a dot's operand is materialised, and experts[i] would be copied.
+    d_scale = jnp.stack([jnp.sum(rows(d * experts[i]), axis=0) for i, d in enumerate(d_affine)])
+    d_bias = jnp.stack([jnp.sum(rows(d), axis=0) for d in d_affine])
+    spread = [(_affine(experts, scale, bias, i) - mix).astype(jnp.float32) for i in range(n)]
+    d_logits = [d * s * inverse_tau for d, s in zip(d_affine, spread)]
     d_logits = jnp.stack([jnp.sum(d, axis=broadcast, keepdims=True) if broadcast else d
                           for d in d_logits])
     # alpha log(alpha) with the log's argument clamped, not xlogy: xlogy's select made this
     # term 2/3 of a noisy manager's mix backward on XLA:CPU (BENCHMARKS.md); alpha = 0 still
     # gives 0. The sum over [B, L, D] is a dot against ones per row, XLA:CPU's fast reduction.
     tiny = jnp.finfo(jnp.float32).tiny
-    entropy_spread = functools.reduce(jnp.add, [a * jnp.log(jnp.maximum(a, tiny)) * s
-                                                for a, s in zip(alpha, spread)])
-    rows = (entropy_spread * g32).reshape(-1, g.shape[-1])
-    d_tau = -jnp.sum(rows @ jnp.ones((g.shape[-1],), jnp.float32)) * inverse_tau
-    return d_logits.reshape(shape), d_tau.astype(tau.dtype), d_experts
+    entropy_spread = functools.reduce(jnp.add, [d * jnp.log(jnp.maximum(a, tiny)) * s
+                                                for a, d, s in zip(alpha, d_affine, spread)])
+    d_tau = -jnp.sum(rows(entropy_spread) @ jnp.ones((width,), jnp.float32)) * inverse_tau
+    return (d_logits, d_tau.astype(tau.dtype), d_experts, d_scale.astype(scale.dtype),
+            d_bias.astype(bias.dtype))
 
 
 _softmax_mix.defvjp(_mix_forward, _mix_backward)
@@ -125,17 +149,18 @@ class _ManagerBase(nn.Module):
             noise = sampling.standard_normal(self.make_rng("dropout"), experts.shape)
             logits = logits + noise / num_experts
         tau = self._temperature()
-        out, weights = _softmax_mix(logits, tau.astype(jnp.float32), experts)
+        scale, bias = StackedLayerNormWeights(num_experts, self.param_dtype,
+                                              name="expert_norms")(experts.shape[-1])
+        out, weights = _softmax_mix(logits, tau.astype(jnp.float32), experts,
+                                    scale.astype(jnp.float32), bias.astype(jnp.float32))
         if cross is not None:
             out = out + self._cross_weight(experts.shape[-1]).astype(self.dtype) * cross
         weights = jnp.broadcast_to(weights, (num_experts,) + experts.shape[1:-1])
         return out, jnp.moveaxis(weights, 0, -1)  # [B, L, N]
 
-    def _norms(self, experts: jax.Array, previous: jax.Array | None):
-        eps, kw = self.cfg.layer_norm_eps, dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        experts = LayerNorm(eps, stacked=experts.shape[0], name="expert_norms", **kw)(experts)
-        cross = None if previous is None else LayerNorm(eps, name="cross_norm", **kw)(previous)
-        return experts, cross
+    def _cross_norm(self, previous: jax.Array) -> jax.Array:
+        return LayerNorm(self.cfg.layer_norm_eps, name="cross_norm", dtype=self.dtype,
+                         param_dtype=self.param_dtype)(previous)
 
 
 class SAUE(_ManagerBase):
@@ -144,14 +169,15 @@ class SAUE(_ManagerBase):
     @nn.compact
     def __call__(self, experts: jax.Array, previous: jax.Array | None,
                  other_previous: jax.Array | None, train: bool) -> tuple[jax.Array, jax.Array]:
-        """experts [N, B, L, D], previous [B, L, D] (None at layer 1) -> ([B, L, D], [B, L, N])."""
+        """experts [N, B, L, D] standardised, previous [B, L, D] (None at layer 1)
+        -> ([B, L, D], [B, L, N])."""
         del other_previous  # static weights: the other stream does not steer them
         num_experts, width = experts.shape[0], experts.shape[-1]
         shape, axes = self._weight_shape(width)
         scores = self.param("expert_weights",
                             logical(nn.initializers.constant(1.0 / num_experts), ("experts",) + axes),
                             (num_experts,) + shape, self.param_dtype)
-        experts, cross = self._norms(experts, None if self.first_layer else previous)
+        cross = None if self.first_layer else self._cross_norm(previous)
         return self._aggregate(scores[:, None, None, :], experts, cross, train)
 
 
@@ -161,14 +187,14 @@ class AAUE(_ManagerBase):
     @nn.compact
     def __call__(self, experts: jax.Array, previous: jax.Array | None,
                  other_previous: jax.Array | None, train: bool) -> tuple[jax.Array, jax.Array]:
-        """experts [N, B, L, D], previous [B, L, D], other_previous [B, L', D]
+        """experts [N, B, L, D] standardised, previous [B, L, D], other_previous [B, L', D]
         -> ([B, L, D], [B, L, N])."""
         if previous is None or other_previous is None:
             raise ValueError("AAUE needs the previous cross-modal outputs of both streams; "
                              "the first cross-modal layer uses SAUE")
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         num_experts, width = experts.shape[0], experts.shape[-1]
-        experts, c = self._norms(experts, previous)
+        c = self._cross_norm(previous)
         q = LayerNorm(self.cfg.layer_norm_eps, name="query_norm", **kw)(other_previous)
         # (c W_q + b_q)(q W_k + b_k)^T = (c W_q W_k^T + b_q W_k^T) q^T + terms constant along
         # the keys (those with b_k), which the softmax over the keys cancels: one [B, L, D]

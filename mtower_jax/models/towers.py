@@ -4,10 +4,12 @@ rule for one stream: `prepare` runs once on the uni-modal layers sent across, an
 
   meter:   input_1 = U_top,                         input_l = C_{l-1}
   bridge:  input_1 = LN(U_{top-L+1}),                input_l = Bridge(U_{top-L+l}, C_{l-1})
-  manager: input_l = Manager_l(U_{top-N+1..top} + E_layer, C_{l-1}, C^other_{l-1})
+  manager: input_l = Manager_l(std(U_{top-N+1..top} + E_layer), C_{l-1}, C^other_{l-1})
 
 U: uni-modal layer outputs after the shared transform and the token-type embedding, L the number
-of cross-modal layers, N the number of managed layers, E_layer a learned per-layer embedding.
+of cross-modal layers, N the number of managed layers, E_layer a learned per-layer embedding,
+std the standardisation every manager's per-expert LayerNorms share (each manager applies
+its own affine maps; managers.py).
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from mtower_jax.models.bridges import Bridge
-from mtower_jax.models.layers import Dtype, Embed, LayerNorm
+from mtower_jax.models.layers import Dtype, Embed, LayerNorm, standardise
 from mtower_jax.models.managers import make_manager
 
 TOWERS = ("manager", "bridge", "meter")
@@ -68,9 +70,14 @@ class ManagerInputs(_TowerInputs):
                          for i in range(self.cfg.cross.num_layers)]
 
     def prepare(self, inputs: jax.Array) -> jax.Array:
-        """inputs [N, B, T, D] + the embeddings of uni-modal layers depth-N+1..depth."""
+        """inputs [N, B, T, D] + the embeddings of uni-modal layers depth-N+1..depth,
+        standardised expert by expert (what every manager's expert LayerNorms compute before
+        their affine maps: once here, not once per manager and fusion)."""
         rows = self.layer_embeddings.table()[self.uni_modal_depth - inputs.shape[0]:]
-        return inputs + rows[:, None, None, :]
+        experts = inputs + rows[:, None, None, :]
+        # Expert by expert: XLA:CPU runs an [N, ..., D] norm's backward as one slow fusion.
+        return jnp.stack([standardise(x, self.cfg.manager.layer_norm_eps)
+                          for x in experts]).astype(self.dtype)
 
     def __call__(self, layer: int, inputs: jax.Array, previous, other_previous, train: bool):
         """inputs [N, B, T, D] -> ([B, T, D], expert weights [B, T, N])."""
