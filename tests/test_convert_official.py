@@ -29,6 +29,7 @@ from mtower_jax.convert import official_ckpt
 from mtower_jax.convert.keymap import ConversionError
 from mtower_jax.models import build_model
 from mtower_jax.models.heads import HEADS
+from mtower_jax.models.layers import standardise
 from mtower_jax.models.managers import make_manager
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -413,8 +414,11 @@ def test_managers_match_the_official_code(name):
             experts = rng.standard_normal((N, B, 5, D)).astype(np.float32)
             previous = rng.standard_normal((B, 5, D)).astype(np.float32)
             other = rng.standard_normal((B, 7, D)).astype(np.float32)
+            # Our managers take the experts standardised (ManagerInputs.prepare does it once
+            # for all of them); theirs apply whole LayerNorms.
+            standardised = standardise(experts, model_cfg.manager.layer_norm_eps)
             ours, _ = make_manager(ml_collections.FrozenConfigDict(model_cfg.manager), layer).apply(
-                {"params": params[f"managers_{layer}"]}, experts, previous, other, False)
+                {"params": params[f"managers_{layer}"]}, standardised, previous, other, False)
             with torch.no_grad():
                 theirs = tower[layer](torch.from_numpy(experts).transpose(0, 1),
                                       torch.from_numpy(previous), torch.from_numpy(other))
