@@ -84,16 +84,16 @@ def _mix_forward(logits: jax.Array, tau: jax.Array, experts: jax.Array, scale: j
     mix = functools.reduce(jnp.add, [a.astype(experts.dtype) * _affine(experts, scale, bias, i)
                                      for i, a in enumerate(alpha)])
     weights = jnp.stack([jnp.mean(a, axis=-1) for a in alpha])
-    like_logits = jnp.zeros((0,) + logits.shape)  # carries the logits' shape, not their values
-    return (mix, weights), (like_logits, tau, experts, scale, bias, alpha, mix)
+    return (mix, weights), (tau, experts, scale, bias, alpha, mix)
 
 
 def _mix_backward(residuals: tuple, cotangents: tuple) -> tuple:
-    like_logits, tau, experts, scale, bias, alpha, mix = residuals
+    tau, experts, scale, bias, alpha, mix = residuals
     g, _ = cotangents  # the weights' cotangent: a report, not differentiated
     n, width = len(alpha), g.shape[-1]
     inverse_tau = 1.0 / tau
-    broadcast = tuple(d - 1 for d in range(1, experts.ndim) if like_logits.shape[d + 1] == 1)
+    # Each alpha_n has logits_n's shape: the dims where it is 1 are those logits broadcast along.
+    broadcast = tuple(d for d in range(alpha[0].ndim) if alpha[0].shape[d] == 1)
     g32 = g.astype(jnp.float32)
     rows = lambda x: x.reshape(-1, width)
     d_affine = [a * g32 for a in alpha]  # d e_n
@@ -149,7 +149,7 @@ class _ManagerBase(nn.Module):
             noise = sampling.standard_normal(self.make_rng("dropout"), experts.shape)
             logits = logits + noise / num_experts
         tau = self._temperature()
-        scale, bias = StackedLayerNormWeights(num_experts, self.param_dtype,
+        scale, bias = StackedLayerNormWeights(num_experts, param_dtype=self.param_dtype,
                                               name="expert_norms")(experts.shape[-1])
         out, weights = _softmax_mix(logits, tau.astype(jnp.float32), experts,
                                     scale.astype(jnp.float32), bias.astype(jnp.float32))
