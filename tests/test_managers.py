@@ -30,11 +30,11 @@ def perturbed(params, seed: int):
     return jax.tree.unflatten(treedef, leaves)
 
 
-def inputs(seed: int = 0):
+def inputs(seed: int = 0, other_len: int = L_OTHER):
     rng = np.random.default_rng(seed)
     experts = rng.standard_normal((N, B, L, D)).astype(np.float32)
     previous = rng.standard_normal((B, L, D)).astype(np.float32)
-    other = rng.standard_normal((B, L_OTHER, D)).astype(np.float32)
+    other = rng.standard_normal((B, other_len, D)).astype(np.float32)
     return experts, previous, other
 
 
@@ -106,8 +106,10 @@ def test_saue_matches_reference(weight_type, first):
 
 
 @pytest.mark.parametrize("weight_type", ["vector", "scalar"])
-def test_aaue_matches_reference(weight_type):
-    experts, previous, other = inputs(1)
+@pytest.mark.parametrize("other_len", [L_OTHER, L + 2], ids=["other_shorter", "other_longer"])
+def test_aaue_matches_reference(weight_type, other_len):
+    # AAUE projects the shorter of its two streams through W_q W_k^T: both orders.
+    experts, previous, other = inputs(1, other_len)
     module = AAUE(manager_cfg(weight_type=weight_type))
     variables = init(module, experts, previous, other, seed=1)
     # Every parameter moved off its initial value, so the biases (zero at init) take part:
@@ -236,8 +238,8 @@ def test_softmax_mix_gradient_matches_autodiff(logits_shape, noise):
         return jnp.sum(jax.nn.softmax(u / t, axis=0) * affine, axis=0)
 
     args = (logits, tau, experts, scale, bias)
-    # The managers add the noise to the logits before the mix.
-    ours = lambda l, t, x, s, b: _softmax_mix(l if eps is None else l + eps, t, x, s, b)
+    # The managers add the noise to the logits before the mix, and pass N separate experts.
+    ours = lambda l, t, x, s, b: _softmax_mix(l if eps is None else l + eps, t, tuple(x), s, b)
     mix, weights = ours(*args)
     np.testing.assert_allclose(mix, reference(*args), rtol=1e-6, atol=1e-6)
     u = logits if eps is None else logits + eps

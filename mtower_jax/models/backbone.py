@@ -131,15 +131,16 @@ class Backbone(nn.Module):
         return out
 
     def prepare_image(self, image: dict, image_token_type_idx: int = 1) -> dict:
-        """encode_image's outputs + 'cross_inputs' [k, B, 1+P, D], what the image stream sends
-        across (transform, token type, the tower's `prepare`), for several fusions of one
-        encoding (pretraining's MLM and ITM): taken, and differentiated, once. Rows may then
-        be gathered along the batch (axis 1), as ITM negatives are."""
+        """encode_image's outputs + 'cross_inputs' (k arrays [B, 1+P, D]), what the image
+        stream sends across (transform, token type, the tower's `prepare`), for several
+        fusions of one encoding (pretraining's MLM and ITM): taken, and differentiated, once.
+        Rows may then be gathered along the batch, as ITM negatives are."""
         return {**image, "cross_inputs": self._cross_inputs("image", image["outputs"],
                                                             image_token_type_idx)}
 
-    def _cross_inputs(self, stream: str, layers: jax.Array, token_type: int) -> jax.Array:
-        """Uni-modal layers [k, B, T, D_uni] -> the stream's tower inputs [k, B, T, D]:
+    def _cross_inputs(self, stream: str, layers: jax.Array,
+                      token_type: int) -> tuple[jax.Array, ...]:
+        """Uni-modal layers [k, B, T, D_uni] -> the stream's tower inputs, k arrays [B, T, D]:
         the linear uni-modal -> cross-modal map, the token-type embedding, `prepare`."""
         if self.cfg.share_transform:
             x = getattr(self, f"{stream}_transform")(layers)

@@ -31,14 +31,18 @@ def num_uni_modal_inputs(cfg: ml_collections.ConfigDict) -> int:
 
 
 class _TowerInputs(nn.Module):
-    """What enters each cross-modal layer of one stream; `prepare` defaults to the identity."""
+    """What enters each cross-modal layer of one stream. `prepare` takes the k uni-modal
+    layers sent across, stacked [k, B, T, D] (one transform for all), and returns them as a
+    tuple of k arrays [B, T, D]: each layer is then its own buffer, whose slices and gradient
+    cost no copy (a stacked one is copied per slice where a reduction or a dot reads it, and
+    its gradient is concatenated)."""
     cfg: ml_collections.FrozenConfigDict  # model
     uni_modal_depth: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
-    def prepare(self, inputs: jax.Array) -> jax.Array:
-        return inputs
+    def prepare(self, inputs: jax.Array) -> tuple[jax.Array, ...]:
+        return tuple(inputs)
 
 
 class MeterInputs(_TowerInputs):
@@ -53,8 +57,9 @@ class BridgeInputs(_TowerInputs):
         self.bridges = [Bridge(self.cfg.bridge.type, self.cfg.bridge.layer_norm_eps, **kw)
                         for _ in range(self.cfg.cross.num_layers - 1)]
 
-    def __call__(self, layer: int, inputs: jax.Array, previous, other_previous, train: bool):
-        """inputs [L, B, T, D] -> ([B, T, D], None)."""
+    def __call__(self, layer: int, inputs: tuple[jax.Array, ...], previous, other_previous,
+                 train: bool):
+        """inputs: L arrays [B, T, D] -> ([B, T, D], None)."""
         if layer == 0:
             return self.first_norm(inputs[0]), None
         return self.bridges[layer - 1](inputs[layer], previous), None
@@ -69,18 +74,18 @@ class ManagerInputs(_TowerInputs):
         self.managers = [make_manager(self.cfg.manager, i, **kw)
                          for i in range(self.cfg.cross.num_layers)]
 
-    def prepare(self, inputs: jax.Array) -> jax.Array:
+    def prepare(self, inputs: jax.Array) -> tuple[jax.Array, ...]:
         """inputs [N, B, T, D] + the embeddings of uni-modal layers depth-N+1..depth,
         standardised expert by expert (what every manager's expert LayerNorms compute before
-        their affine maps: once here, not once per manager and fusion)."""
+        their affine maps: once here, not once per manager and fusion) -> N arrays [B, T, D].
+        Expert by expert: XLA:CPU runs an [N, ..., D] norm's backward as one slow fusion."""
         rows = self.layer_embeddings.table()[self.uni_modal_depth - inputs.shape[0]:]
-        experts = inputs + rows[:, None, None, :]
-        # Expert by expert: XLA:CPU runs an [N, ..., D] norm's backward as one slow fusion.
-        return jnp.stack([standardise(x, self.cfg.manager.layer_norm_eps)
-                          for x in experts]).astype(self.dtype)
+        return tuple(standardise(x + row, self.cfg.manager.layer_norm_eps).astype(self.dtype)
+                     for x, row in zip(inputs, rows))
 
-    def __call__(self, layer: int, inputs: jax.Array, previous, other_previous, train: bool):
-        """inputs [N, B, T, D] -> ([B, T, D], expert weights [B, T, N])."""
+    def __call__(self, layer: int, inputs: tuple[jax.Array, ...], previous, other_previous,
+                 train: bool):
+        """inputs: N arrays [B, T, D] -> ([B, T, D], expert weights [B, T, N])."""
         return self.managers[layer](inputs, previous, other_previous, train)
 
 

@@ -34,9 +34,11 @@ LOSSES = ("mlm", "itm", "itc")
 
 def select_images(image: dict, index: jax.Array) -> dict:
     """The encoded (and prepared) images reordered along the batch: example b gets image
-    index[b]. Every kept entry is [k, B, ...]."""
-    return {**{k: image[k][:, index] for k in ("outputs", "cross_inputs") if k in image},
-            "hidden_states": ()}
+    index[b]. Kept: outputs [k, B, ...] and, once prepared, cross_inputs (k arrays [B, ...])."""
+    out = {"outputs": image["outputs"][:, index], "hidden_states": ()}
+    if "cross_inputs" in image:
+        out["cross_inputs"] = tuple(x[index] for x in image["cross_inputs"])
+    return out
 
 
 def sample_negatives(rng: jax.Array, same_image: jax.Array, logits: jax.Array | None
