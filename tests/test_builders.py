@@ -445,6 +445,18 @@ def test_missing_raw_dir_and_missing_annotation_files_are_data_errors(tmp_path):
         build("vqav2", raw, tmp_path)
 
 
+def test_skipped_records_with_lone_surrogates_are_logged_escaped(caplog):
+    # A JSON "\udc80" escape decodes to a lone surrogate, which no UTF-8 stream (nor
+    # pytest-xdist's report channel) can write: the record is named by its escape.
+    from mtower_jax.data.bad_records import BadRecords
+    bad = BadRecords("coco_captions/train", max_skipped_fraction=0.0)
+    with caplog.at_level("WARNING"), pytest.raises(DataError) as error:
+        bad.skip("dataset_coco.json images[3] \udc80", "caption is not text: '\ud800x'")
+    for text in (caplog.text, str(error.value)):
+        text.encode("utf-8")  # raises on a lone surrogate
+        assert "images[3] \\udc80" in text and "'\\ud800x'" in text
+
+
 def test_registry_names_are_the_builders_tfds_names():
     with pytest.raises(DataError, match="unknown dataset 'coco'; known: arrow_captions, cc3m"):
         get_builder("coco", raw_dir="", data_dir="")

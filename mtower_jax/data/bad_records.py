@@ -32,6 +32,10 @@ class BadRecords:
         self.seen += 1
 
     def skip(self, source: str, reason: str) -> None:
+        # Lone surrogates (a JSON "\udc80" escape, an undecodable file name) cannot be written
+        # to a UTF-8 log, stream or pytest-xdist report: kept as their escapes.
+        source, reason = (str(text).encode("utf-8", "backslashreplace").decode("utf-8")
+                          for text in (source, reason))
         self.seen += 1
         self.skipped += 1
         self.reasons[reason.split(":")[0]] += 1
