@@ -100,9 +100,14 @@ def image_encoder_flops(model_cfg: ml_collections.ConfigDict) -> float:
 
 
 def _aaue_flops(q_len: int, other_len: int, width: int, experts: int) -> float:
-    """The query through W_q W_k^T (key_proj folded in, managers.AAUE; the [D, D] product,
-    once per batch, is left out), single-head scores and mix, controller([a ; c]) -> N."""
-    return (_dense(q_len, width, width) + 4.0 * q_len * other_len * width
+    """The shorter stream through W_q W_k^T (key_proj folded in, managers.AAUE; the [D, D]
+    product, once per batch, is left out) and, when that is the other stream, its keys
+    against b_q W_k^T; single-head scores and mix; controller([a ; c]) -> N."""
+    if q_len <= other_len:
+        projection = _dense(q_len, width, width)
+    else:
+        projection = _dense(other_len, width, width) + _dense(other_len, width, 1)
+    return (projection + 4.0 * q_len * other_len * width
             + _dense(q_len, 2 * width, experts))
 
 
