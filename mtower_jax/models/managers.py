@@ -11,7 +11,7 @@ transform + token type + layer embedding) and C = C_{l-1} the stream's previous 
   AAUE (adaptive, l >= 2; layer 1 is always SAUE since there is no C_0):
       c = LN_c(C),  q = LN_q(C_other)                       C_other: the other stream's C_{l-1}
       a = softmax((c W_q + b_q)(q W_k + b_k)^T / sqrt(D)) q  single head, no value projection, no mask
-                                               (as c (W_q W_k^T) q^T + (b_q W_k^T) q^T)
+                                     (computed as c (W_q W_k^T) q^T + (b_q W_k^T) q^T)
       s = [a ; c] W + b = a W_a + c W_c + b                 [B, L, N]: per-token expert logits
       out = sum_n softmax_n((s_n + eps_n) / tau) * LN_n(X_n) + w_c * c
 
@@ -207,10 +207,11 @@ class AAUE(_ManagerBase):
         c = self._cross_norm(previous)
         q = LayerNorm(self.cfg.layer_norm_eps, name="query_norm", **kw)(other_previous)
         c, q = c.astype(self.dtype), q.astype(self.dtype)
-        # (c W_q + b_q)(q W_k + b_k)^T = c M q^T + 1 (q k)^T + terms constant along the keys
-        # (those with b_k), which the softmax over the keys cancels; M = W_q W_k^T [D, D],
-        # k = W_k b_q [D]. c M q^T is one [*, D] x [D, D] projection instead of one per stream,
-        # of the shorter of the two (b_k's gradient is zero either way).
+        # (c W_q + b_q)(q W_k + b_k)^T = c M q^T + 1 (q key_bias)^T + terms constant along the
+        # keys (those with b_k), which the softmax over the keys cancels; M = W_q W_k^T [D, D]
+        # (`product`), key_bias = b_q W_k^T [D]. c M q^T is one [*, D] x [D, D] projection
+        # instead of one per stream, of the shorter of the two (b_k's gradient is zero either
+        # way).
         w_q, b_q = DenseWeights(width, ("embed", "kv"), name="query_proj", **kw)((width,))
         w_k, _ = DenseWeights(width, ("embed", "kv"), name="key_proj", **kw)((width,))
         w_q, b_q, w_k = (x.astype(self.dtype) for x in (w_q, b_q, w_k))
