@@ -11,6 +11,10 @@ import pytest  # noqa: E402
 
 from mtower_jax.models import model_config  # noqa: E402
 
+# XLA:CPU's cheapest codegen, for subprocess runs that compile much and step little.
+FAST_COMPILE_XLA_FLAGS = ("--xla_llvm_disable_expensive_passes=true "
+                          "--xla_backend_optimization_level=0")
+
 
 def tiny_config(tower: str = "manager", /, **overrides) -> ml_collections.ConfigDict:
     """The tiny model config with dotted-key overrides: tiny_config(**{'manager.type': 'SAUE'})."""

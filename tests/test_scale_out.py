@@ -12,13 +12,13 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import FAST_COMPILE_XLA_FLAGS
 from mtower_jax.train import example_log
 from mtower_jax.train.metrics import read_metrics
 
 # One layer per stack, and XLA:CPU's cheapest codegen: these runs are compile-bound.
 SHALLOW = ["--config.model.text.num_layers=1", "--config.model.vision.num_layers=1",
            "--config.model.cross.num_layers=1", "--config.model.manager.num_layers=1"]
-FAST_COMPILE = "--xla_llvm_disable_expensive_passes=true --xla_backend_optimization_level=0"
 RTOL = 1e-5
 
 
@@ -35,7 +35,7 @@ def env(tmp_path_factory):
 
 def cpu_env(env, devices: int) -> dict:
     return dict(env["base"], XLA_FLAGS=(
-        f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}"))
+        f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE_XLA_FLAGS}"))
 
 
 def run_config(env, total_steps: int = 5) -> list[str]:
