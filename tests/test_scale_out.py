@@ -16,7 +16,7 @@ from conftest import FAST_COMPILE_XLA_FLAGS
 from mtower_jax.train import example_log
 from mtower_jax.train.metrics import read_metrics
 
-# One layer per stack, and XLA:CPU's cheapest codegen: these runs are compile-bound.
+# One layer per stack, and (cpu_env) XLA:CPU's cheapest codegen: these runs are compile-bound.
 SHALLOW = ["--config.model.text.num_layers=1", "--config.model.vision.num_layers=1",
            "--config.model.cross.num_layers=1", "--config.model.manager.num_layers=1"]
 RTOL = 1e-5
