@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from configs import irtr, nlvr2, snli_ve, vqav2
+from configs import irtr, nlvr2, pretrain, snli_ve, vqav2
 from mtower_jax.models import build_model, random_inputs
 from mtower_jax.train import evaluation, init_from
 from mtower_jax.train.tasks import TASKS, denominators, get_task
@@ -128,6 +128,13 @@ def test_configs_carry_the_paper_recipe_and_task_checks():
     bad.losses = ("itm",)
     with pytest.raises(ValueError, match="task 'vqa' computes"):
         get_task(bad)
+    headless = pretrain.get_config("model=tiny")
+    headless.losses = ("mlm", "itm", "itc")
+    with pytest.raises(ValueError, match=r"needs the head\(s\) \['itc'\].*"
+                                         r"--config.model.heads='\('mlm', 'itm', 'itc'\)'"):
+        get_task(headless)
+    headless.model.heads = ("mlm", "itm", "itc")
+    assert get_task(headless).name == "pretrain"
 
 
 def test_init_from_resizes_the_position_table_and_copies_the_image_token_type():

@@ -59,4 +59,11 @@ def get_task(config) -> Task:
     if unknown or not config.losses:
         raise ValueError(f"config.losses={tuple(config.losses)}: task {name!r} computes "
                          f"{task.losses}")
+    # Each term is read off the head of its name; without it the forward fails mid-trace.
+    headless = [n for n in config.losses if n not in config.model.heads]
+    if headless:
+        heads = tuple(config.model.heads) + tuple(headless)
+        raise ValueError(f"config.losses={tuple(config.losses)} needs the head(s) {headless}, "
+                         f"but config.model.heads={tuple(config.model.heads)}; add them: "
+                         f"--config.model.heads='{heads!r}'")
     return task
