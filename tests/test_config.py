@@ -17,6 +17,7 @@ from conftest import tiny_config
 from mtower_jax import config_args
 from mtower_jax.config_args import parse_arg
 from mtower_jax.models import build_model, validate
+from mtower_jax.train import run_checks
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -54,6 +55,36 @@ def test_pretrain_config_variants_are_valid(arg):
     assert dict(config.mesh) == {"data": -1, "fsdp": 1, "tensor": 1, "dcn_data": 1,
                                  "dcn_fsdp": 1, "dcn_tensor": 1}
     assert config.logical_axis_rules == "data"
+
+
+@pytest.mark.parametrize("name,arg", [
+    ("pretrain", "model=tiny"), ("pretrain", "model=base,data=real"),
+    *[(task, f"model={m},data={d}") for task in ("vqav2", "nlvr2", "snli_ve", "irtr")
+      for m, d in (("tiny", "synthetic"), ("base", "real"))]])
+def test_every_shipped_config_passes_the_run_checks(name, arg):
+    run_checks.validate(load_config(name, arg))
+
+
+def test_run_checks_list_every_value_out_of_range():
+    config = load_config("pretrain", "model=tiny")
+    with config.unlocked():
+        config.grad_accum_steps, config.optimizer.lr, config.optimizer.warmup_fraction = 3, -1.0, 2.0
+        config.optimizer.b2, config.optimizer.lr_multipliers.heads = 1.0, 0.0
+        config.mlm_probability, config.log_every, config.checkpoint_every = 1.5, 0, 0
+        config.keep_checkpoints, config.eval_every, config.eval_batch_size = 0, -2, -1
+    with pytest.raises(ValueError) as error:
+        run_checks.validate(config)
+    lines = str(error.value).splitlines()[1:]
+    assert [line.split("=")[0].strip() for line in lines] == [
+        "config.grad_accum_steps", "config.optimizer.lr", "config.optimizer.warmup_fraction",
+        "config.optimizer.b2", "config.optimizer.lr_multipliers.heads", "config.mlm_probability",
+        "config.log_every", "config.checkpoint_every", "config.keep_checkpoints",
+        "config.eval_every", "config.eval_batch_size"]
+    assert "must divide config.batch_size=32" in lines[0]
+    config = load_config("pretrain", "model=tiny")
+    config.batch_size = 0
+    with pytest.raises(ValueError, match=r"config.batch_size=0 must be > 0"):
+        run_checks.validate(config)
 
 
 def test_small_is_the_benchmark_size():
@@ -183,3 +214,9 @@ def test_the_cli_refuses_a_bad_override_before_any_work(tmp_path):
     assert ("FATAL Flags parsing error: --config.mesh.fsdp=1.5: expected an int "
             "(config.mesh.fsdp is 1), got '1.5'") in done.stderr
     assert not workdir.exists() and time.monotonic() - start < 60
+    # A well-typed value out of range: refused by the run checks, before the workdir exists.
+    done = subprocess.run([sys.executable, "-m", "mtower_jax.main", CONFIG_ARG,
+                           f"--workdir={workdir}", "--config.log_every=0"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "config.log_every=0 must be > 0 (steps)" in done.stderr
+    assert not workdir.exists()

@@ -131,7 +131,7 @@ def test_configs_carry_the_paper_recipe_and_task_checks():
     headless = pretrain.get_config("model=tiny")
     headless.losses = ("mlm", "itm", "itc")
     with pytest.raises(ValueError, match=r"needs the head\(s\) \['itc'\].*"
-                                         r"--config.model.heads='\('mlm', 'itm', 'itc'\)'"):
+                                         r'--config.model.heads="\(\'mlm\', \'itm\', \'itc\'\)"'):
         get_task(headless)
     headless.model.heads = ("mlm", "itm", "itc")
     assert get_task(headless).name == "pretrain"

@@ -39,7 +39,7 @@ import numpy as np
 
 from mtower_jax.data import pipeline
 from mtower_jax.models.partitioning import resolve_rules
-from mtower_jax.train import flops, mesh as mesh_lib
+from mtower_jax.train import flops, mesh as mesh_lib, run_checks
 from mtower_jax.train.checkpoints import Checkpoints
 from mtower_jax.train.evaluation import Evaluator
 from mtower_jax.train.example_log import ExampleLog
@@ -143,6 +143,7 @@ def _run_context(config, workdir):
         raise ValueError(f"config.on_nonfinite={config.on_nonfinite!r}; choose from "
                          f"{NONFINITE_POLICIES}")
     get_task(config)  # config.task and config.losses agree
+    run_checks.validate(config)
     os.makedirs(workdir, exist_ok=True)
     return mesh_lib.make_mesh(config.mesh), resolve_rules(config.logical_axis_rules)
 

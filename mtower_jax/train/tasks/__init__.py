@@ -65,5 +65,5 @@ def get_task(config) -> Task:
         heads = tuple(config.model.heads) + tuple(headless)
         raise ValueError(f"config.losses={tuple(config.losses)} needs the head(s) {headless}, "
                          f"but config.model.heads={tuple(config.model.heads)}; add them: "
-                         f"--config.model.heads='{heads!r}'")
+                         f'--config.model.heads="{heads!r}"')
     return task
