@@ -72,12 +72,14 @@ def test_run_checks_list_every_value_out_of_range():
         config.optimizer.b2, config.optimizer.lr_multipliers.heads = 1.0, 0.0
         config.mlm_probability, config.log_every, config.checkpoint_every = 1.5, 0, 0
         config.keep_checkpoints, config.eval_every, config.eval_batch_size = 0, -2, -1
+        config.seed = -1
     with pytest.raises(ValueError) as error:
         run_checks.validate(config)
     lines = str(error.value).splitlines()[1:]
     assert [line.split("=")[0].strip() for line in lines] == [
         "config.grad_accum_steps", "config.optimizer.lr", "config.optimizer.warmup_fraction",
-        "config.optimizer.b2", "config.optimizer.lr_multipliers.heads", "config.mlm_probability",
+        "config.optimizer.b2", "config.optimizer.lr_multipliers.heads", "config.seed",
+        "config.mlm_probability",
         "config.log_every", "config.checkpoint_every", "config.keep_checkpoints",
         "config.eval_every", "config.eval_batch_size"]
     assert "must divide config.batch_size=32" in lines[0]

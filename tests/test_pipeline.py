@@ -10,6 +10,7 @@ from mtower_jax.data import pipeline, records
 from mtower_jax.data.bad_records import DataError
 from mtower_jax.data.builders.synthetic_shapes import ensure_built
 from mtower_jax.data.masking import IGNORE
+from mtower_jax.train.evaluation import Evaluator
 
 
 @pytest.fixture(scope="module")
@@ -185,6 +186,19 @@ def test_missing_or_unbuilt_data_says_how_to_build_it(tmp_path):
     config.data.data_dir = str(tmp_path)
     with pytest.raises(DataError, match="python -m mtower_jax.data.build coco_captions"):
         pipeline.pretrain_data(config, train=True)
+
+
+def test_a_missing_split_is_named_when_the_evaluator_is_made(data_dir):
+    config = config_for(data_dir)
+    pipeline.check_splits(config, "pretrain", ("train", "val"))
+    config.data.eval_splits = ("val", "nope")
+    message = r"dataset 'synthetic_shapes' has no split 'nope'; it has \['train', 'val'\]"
+    with pytest.raises(DataError, match=message):
+        pipeline.check_splits(config, "pretrain", config.data.eval_splits)
+    # The run makes its evaluator before the first step: the error comes then, not at the
+    # first evaluation (before the model is touched, so none is needed here).
+    with pytest.raises(DataError, match=message):
+        Evaluator(config, model=None, mesh=None, workdir="")
 
 
 def test_grain_worker_processes_give_the_same_batches(data_dir):

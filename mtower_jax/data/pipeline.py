@@ -24,6 +24,7 @@ only when the skipped fraction passes `max_skipped_fraction`.
 import dataclasses
 import functools
 import os
+from typing import Sequence
 
 import grain
 from absl import flags
@@ -218,11 +219,24 @@ def split_parts(config: ml_collections.ConfigDict, task: str, split: str
     parts = []
     for name in config.data.datasets:
         builder = open_builder(name, task, config.data, config.model.vision.image_size)
-        if split not in builder.info.splits:
-            raise DataError(f"dataset {name!r} has no split {split!r}; it has "
-                            f"{sorted(builder.info.splits)}")
+        _require_splits(name, builder, (split,))
         parts.append((builder, builder.as_data_source()[split], records.text_index(builder, split)))
     return parts
+
+
+def check_splits(config: ml_collections.ConfigDict, task: str, splits: Sequence[str]) -> None:
+    """DataError unless every dataset of config.data.datasets has each of `splits`: run when
+    a run starts, so that a misspelt eval split fails then, not at the first evaluation."""
+    for name in config.data.datasets:
+        _require_splits(name, open_builder(name, task, config.data,
+                                           config.model.vision.image_size), splits)
+
+
+def _require_splits(name: str, builder, splits: Sequence[str]) -> None:
+    missing = [s for s in splits if s not in builder.info.splits]
+    if missing:
+        raise DataError(f"dataset {name!r} has no split {missing[0]!r}; it has "
+                        f"{sorted(builder.info.splits)}")
 
 
 def num_examples(config: ml_collections.ConfigDict, task: str, split: str) -> int:

@@ -83,6 +83,7 @@ class Evaluator:
         if self.batch_size % jax.device_count():
             raise ValueError(f"eval batch size {self.batch_size} is not divisible by the "
                              f"{jax.device_count()} devices; set config.eval_batch_size")
+        pipeline.check_splits(config, self.task, config.data.eval_splits)
         self.eval_step = jax.jit(make_eval_step(config, model))
         self._data = {}
         self._retrieval = None

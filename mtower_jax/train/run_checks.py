@@ -42,6 +42,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for group, factor in opt.lr_multipliers.items():
         need(factor > 0, f"optimizer.lr_multipliers.{group}", factor, "must be > 0")
 
+    seed = config.get("seed", 0)
+    need(0 <= seed < 2**32, "seed", seed, "must be in [0, 2^32)")
     if "mlm" in config.get("losses", ()):
         p = config.get("mlm_probability", 0.15)
         need(0 < p <= 1, "mlm_probability", p, "must be in (0, 1] (the share of tokens masked)")
