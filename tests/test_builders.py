@@ -11,12 +11,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mtower_jax.data import records
+from configs.pretrain import get_config
+from mtower_jax.data import pipeline, records
 from mtower_jax.data.bad_records import DataError
 from mtower_jax.data.build import build as build_dataset
 from mtower_jax.data.build import build_command
 from mtower_jax.data.builders import BUILDERS, builder_class, get_builder
 from mtower_jax.data.builders import vqav2
+from mtower_jax.data.synthetic import TOKENIZER_DIR
 
 # --- writing raw fixtures --------------------------------------------------------------------
 
@@ -490,3 +492,25 @@ def test_cli_builds_and_reports_counts(tmp_path):
     failed = subprocess.run(command[:3] + ["nope", f"--data_dir={data}"], capture_output=True,
                             text=True, cwd=repo)
     assert failed.returncode != 0 and "unknown dataset 'nope'" in failed.stderr
+
+
+def test_a_split_is_read_from_the_datasets_that_have_it(tmp_path):
+    """Pretraining's mix: Visual Genome has only train, so val is COCO's alone; a split that
+    no dataset has is an error naming each one's splits."""
+    write_coco(tmp_path / "coco")
+    build("coco_captions", tmp_path / "coco", tmp_path)
+    write_image(tmp_path / "vg" / "VG_100K" / "1.jpg")
+    write_json(tmp_path / "vg" / "region_descriptions.json",
+               [{"id": 1, "regions": [{"phrase": "red sky", "image_id": 1}]}])
+    build("visual_genome", tmp_path / "vg", tmp_path)
+    config = get_config("model=tiny,data=real")
+    config.data.datasets, config.data.data_dir = ("coco_captions", "visual_genome"), str(tmp_path / "data")
+    config.data.tokenizer_dir = TOKENIZER_DIR  # byte-level: any caption encodes
+    assert pipeline.num_examples(config, "pretrain", "train") == 8 + 1
+    assert pipeline.num_examples(config, "pretrain", "val") == 1
+    pipeline.check_splits(config, "pretrain", ("train", "val"))
+    batch = next(iter(pipeline.pretrain_data(config, "val", train=False, batch_size=1)))
+    assert batch["input_ids"].shape == (1, config.model.max_text_len)
+    with pytest.raises(DataError, match=r"no dataset has a split 'dev': 'coco_captions' has "
+                                        r"\['test', 'train', 'val'\]; 'visual_genome' has \['train'\]"):
+        pipeline.check_splits(config, "pretrain", ("val", "dev"))

@@ -192,7 +192,7 @@ def test_a_missing_split_is_named_when_the_evaluator_is_made(data_dir):
     config = config_for(data_dir)
     pipeline.check_splits(config, "pretrain", ("train", "val"))
     config.data.eval_splits = ("val", "nope")
-    message = r"dataset 'synthetic_shapes' has no split 'nope'; it has \['train', 'val'\]"
+    message = r"no dataset has a split 'nope': 'synthetic_shapes' has \['train', 'val'\]"
     with pytest.raises(DataError, match=message):
         pipeline.check_splits(config, "pretrain", config.data.eval_splits)
     # The run makes its evaluator before the first step: the error comes then, not at the

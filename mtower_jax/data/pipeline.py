@@ -27,7 +27,7 @@ import os
 from typing import Sequence
 
 import grain
-from absl import flags
+from absl import flags, logging
 import jax
 import ml_collections
 import numpy as np
@@ -215,28 +215,33 @@ def tokenizer_for(data: ml_collections.ConfigDict) -> Tokenizer:
 
 def split_parts(config: ml_collections.ConfigDict, task: str, split: str
                 ) -> list[tuple[object, object, np.ndarray]]:
-    """(builder, data source, texts-per-record counts) of `split` in each config.data.datasets."""
-    parts = []
-    for name in config.data.datasets:
-        builder = open_builder(name, task, config.data, config.model.vision.image_size)
-        _require_splits(name, builder, (split,))
-        parts.append((builder, builder.as_data_source()[split], records.text_index(builder, split)))
-    return parts
+    """(builder, data source, texts-per-record counts) of `split` in each dataset of
+    config.data.datasets that has it. A dataset without the split takes no part in it (Visual
+    Genome and SBU have only train: pretraining evaluates on COCO's and CC3M's val); a split
+    that none of them has is a DataError."""
+    return [(builder, builder.as_data_source()[split], records.text_index(builder, split))
+            for _, builder in _datasets_with(config, task, split)]
 
 
 def check_splits(config: ml_collections.ConfigDict, task: str, splits: Sequence[str]) -> None:
-    """DataError unless every dataset of config.data.datasets has each of `splits`: run when
-    a run starts, so that a misspelt eval split fails then, not at the first evaluation."""
-    for name in config.data.datasets:
-        _require_splits(name, open_builder(name, task, config.data,
-                                           config.model.vision.image_size), splits)
+    """DataError for a split that no dataset has; run when a run starts, so that a misspelt
+    eval split fails then, not at the first evaluation. Logs the datasets that sit a split out."""
+    for split in splits:
+        having = [name for name, _ in _datasets_with(config, task, split)]
+        if len(having) < len(config.data.datasets):
+            logging.info("split %r: %s only (the other datasets have no such split)", split,
+                         ", ".join(having))
 
 
-def _require_splits(name: str, builder, splits: Sequence[str]) -> None:
-    missing = [s for s in splits if s not in builder.info.splits]
-    if missing:
-        raise DataError(f"dataset {name!r} has no split {missing[0]!r}; it has "
-                        f"{sorted(builder.info.splits)}")
+def _datasets_with(config: ml_collections.ConfigDict, task: str, split: str) -> list[tuple]:
+    """[(name, builder)] of the datasets that have `split`; DataError if none has it."""
+    builders = [(name, open_builder(name, task, config.data, config.model.vision.image_size))
+                for name in config.data.datasets]
+    having = [(name, b) for name, b in builders if split in b.info.splits]
+    if not having:
+        there = "; ".join(f"{name!r} has {sorted(b.info.splits)}" for name, b in builders)
+        raise DataError(f"no dataset has a split {split!r}: {there}")
+    return having
 
 
 def num_examples(config: ml_collections.ConfigDict, task: str, split: str) -> int:
