@@ -79,9 +79,8 @@ def test_run_checks_list_every_value_out_of_range():
     assert [line.split("=")[0].strip() for line in lines] == [
         "config.grad_accum_steps", "config.optimizer.lr", "config.optimizer.warmup_fraction",
         "config.optimizer.b2", "config.optimizer.lr_multipliers.heads", "config.seed",
-        "config.mlm_probability",
-        "config.log_every", "config.checkpoint_every", "config.keep_checkpoints",
-        "config.eval_every", "config.eval_batch_size"]
+        "config.mlm_probability", "config.log_every", "config.checkpoint_every",
+        "config.keep_checkpoints", "config.eval_every", "config.eval_batch_size"]
     assert "must divide config.batch_size=32" in lines[0]
     config = load_config("pretrain", "model=tiny")
     config.batch_size = 0

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import ml_collections
 
+NONFINITE_POLICIES = ("skip", "stop")  # a step with a non-finite loss: skipped, or the run stops
+
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming each out-of-range training value of `config` (pretraining or
@@ -42,6 +44,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for group, factor in opt.lr_multipliers.items():
         need(factor > 0, f"optimizer.lr_multipliers.{group}", factor, "must be > 0")
 
+    need(config.on_nonfinite in NONFINITE_POLICIES, "on_nonfinite", config.on_nonfinite,
+         f"must be one of {NONFINITE_POLICIES}")
     seed = config.get("seed", 0)
     need(0 <= seed < 2**32, "seed", seed, "must be in [0, 2^32)")
     if "mlm" in config.get("losses", ()):
@@ -58,5 +62,5 @@ def validate(config: ml_collections.ConfigDict) -> None:
     need(config.get("eval_batch_size", 0) >= 0, "eval_batch_size",
          config.get("eval_batch_size", 0), "must be >= 0 (0: config.batch_size)")
     if errors:
-        raise ValueError("the run config has values out of range; fix them with "
+        raise ValueError("the run config has invalid values; fix them with "
                          "--config.KEY=VALUE:\n  " + "\n  ".join(errors))
