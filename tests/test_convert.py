@@ -85,7 +85,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_hf_bridgetower_parity_and_exact_round_trip(case):
+def test_hf_bridgetower_parity_and_exact_round_trip(case, tmp_path):
     cls, extra = CASES[case]
     torch.manual_seed(0)
     config = transformers.BridgeTowerConfig(text_config=TEXT, vision_config=VISION, hidden_size=64,
@@ -130,11 +130,14 @@ def test_hf_bridgetower_parity_and_exact_round_trip(case):
     unused = {k for k in state_dict if "text_model.pooler." in k}
     assert set(exported) == set(state_dict) - unused
     for key, value in exported.items():
+        # Shapes too: assert_array_equal broadcasts, and HF refuses a [1] for a 0-d tensor.
+        assert value.shape == state_dict[key].shape, key
         np.testing.assert_array_equal(value, state_dict[key], err_msg=key)
-    rebuilt = cls(transformers.BridgeTowerConfig(**hf_config)).eval()
-    missing, unexpected = rebuilt.load_state_dict({k: torch.from_numpy(v)
-                                                   for k, v in exported.items()}, strict=False)
-    assert set(missing) == unused and not unexpected
+    # As a user loads it: from the files save() writes, through HF's own loader.
+    to_hf_bridgetower.save(variables["params"], model_cfg, str(tmp_path))
+    rebuilt = np_state_dict(cls.from_pretrained(str(tmp_path)))
+    for key in exported:
+        np.testing.assert_array_equal(rebuilt[key], state_dict[key], err_msg=key)
 
 
 def test_hf_contrastive_heads_map_onto_our_itc_head():
@@ -169,6 +172,11 @@ def test_hf_contrastive_heads_map_onto_our_itc_head():
     assert_close(ours["itc_text_embeds"], theirs.text_embeds, "itc text embeddings")
     assert_close(ours["itc_image_embeds"], theirs.image_embeds, "itc image embeddings")
     np.testing.assert_allclose(1 / ours["itc_temperature"], np.exp(3.0), rtol=1e-6)
+    # The image projection was composed with the image transform: no way back to HF's.
+    with pytest.raises(ValueError, match=r"cannot take back: \['itc'\].*drop_heads=True"):
+        to_hf_bridgetower.export(variables["params"], model_cfg)
+    exported, _ = to_hf_bridgetower.export(variables["params"], model_cfg, drop_heads=True)
+    assert not [k for k in exported if k.startswith(("itc", "logit_scale", "bridgetower."))]
 
 
 def test_hf_clip_vision_parity_and_position_resize():

@@ -151,5 +151,7 @@ def to_state_dict(params: Mapping, rules: Iterable[Rule]) -> dict[str, Array]:
             continue
         parts.setdefault(rule.torch_key, []).append(rule.layout.to_torch(np.asarray(flat[rule.path])))
     _report("the parameters", {"missing parameters": missing}, "")
-    return {key: np.ascontiguousarray(np.concatenate(p, axis=0) if len(p) > 1 else p[0])
+    # np.require, not np.ascontiguousarray: that returns at least 1-d, and a 0-d tensor (a
+    # SCALAR layout: HF's link-tower scaled_factor, beta) must stay 0-d for HF to load it.
+    return {key: np.require(np.concatenate(p, axis=0) if len(p) > 1 else p[0], requirements="C")
             for key, p in parts.items()}

@@ -369,7 +369,4 @@ def export(params: Mapping, model_cfg: ml_collections.ConfigDict) -> dict[str, n
     for key, value in state_dict.items():
         if key.endswith(".layer_scores"):  # [rows, W] -> [1, rows, 1, W]
             state_dict[key] = value[None, :, None, :]
-    for rule in mapping:  # 0-d tensors (keymap.to_state_dict returns at least 1-d arrays)
-        if rule.layout is SCALAR:
-            state_dict[rule.torch_key] = state_dict[rule.torch_key].reshape(())
     return state_dict

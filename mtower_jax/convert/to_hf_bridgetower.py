@@ -6,6 +6,10 @@ Backbone keys are those of `BridgeTowerModel`; with heads they carry the `bridge
 of the task models (`BridgeTowerForMaskedLM` for mlm, `...ForImageAndTextRetrieval` for itm).
 HF's unused text pooler is not part of our model and is absent from the export (load with
 `strict=False`; the pooler never enters BridgeTowerModel's outputs).
+
+Heads HF cannot take back are refused unless `drop_heads=True` exports the rest without them:
+the ITC head (its image projection was composed with the image transform at import, which
+has no inverse) and the task heads HF BridgeTower has no class for (vqa, snli_ve, nlvr2).
 """
 from __future__ import annotations
 
@@ -49,20 +53,34 @@ def hf_config(model_cfg: ml_collections.ConfigDict) -> dict:
             layer_norm_eps=c.vision.layer_norm_eps))
 
 
-def export(params, model_cfg: ml_collections.ConfigDict) -> tuple[dict[str, np.ndarray], dict]:
-    """(state dict, BridgeTowerConfig dict) of our params, in either layer layout."""
+EXPORTED_HEADS = ("mlm", "itm")  # BridgeTowerForMaskedLM's, ...ForImageAndTextRetrieval's
+
+
+def export(params, model_cfg: ml_collections.ConfigDict, drop_heads: bool = False
+           ) -> tuple[dict[str, np.ndarray], dict]:
+    """(state dict, BridgeTowerConfig dict) of our params, in either layer layout.
+    Raises ValueError for a head outside EXPORTED_HEADS unless drop_heads (then left out)."""
     config = hf_config(model_cfg)
-    heads = [h for h in model_cfg.heads if h in ("mlm", "itm")]
+    others = [h for h in model_cfg.heads if h not in EXPORTED_HEADS]
+    if others and not drop_heads:
+        raise ValueError(
+            f"the model has heads HF BridgeTower cannot take back: {others} ('itc': its image "
+            f"projection was composed with the image transform at import and has no inverse; "
+            f"the task heads have no HF class). Export only {list(EXPORTED_HEADS)} and the "
+            f"backbone with drop_heads=True")
+    heads = [h for h in model_cfg.heads if h in EXPORTED_HEADS]
     state_dict = to_state_dict(layer_stack.unstack_layers(params),
                                rules(model_cfg, PREFIX if heads else ""))
     return state_dict, config
 
 
-def save(params, model_cfg: ml_collections.ConfigDict, out_dir: str) -> None:
-    """Writes model.safetensors and config.json (HF's file names) into out_dir."""
+def save(params, model_cfg: ml_collections.ConfigDict, out_dir: str, drop_heads: bool = False
+         ) -> None:
+    """Writes model.safetensors and config.json (HF's file names) into out_dir
+    (`drop_heads`: see export)."""
     from safetensors.numpy import save_file
 
-    state_dict, config = export(params, model_cfg)
+    state_dict, config = export(params, model_cfg, drop_heads)
     os.makedirs(out_dir, exist_ok=True)
     save_file({k: np.asarray(v, np.float32) for k, v in state_dict.items()},
               os.path.join(out_dir, "model.safetensors"))
