@@ -2,16 +2,21 @@
 models, built locally), exact round trips, safe loading, clear errors, and the CLI."""
 from __future__ import annotations
 
+import json
 import os
 import pathlib
+import pickle
 import re
 import shlex
 import subprocess
 import sys
+import warnings
+import zipfile
 
 import jax
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 import torch
 import transformers
@@ -213,8 +218,8 @@ def test_hf_clip_vision_parity_and_position_resize():
     assert model_cfg.vision.image_size == 48
 
 
-def test_openai_clip_layout_matches_hf_layout():
-    # The same weights in both layouts convert to the same parameters.
+def clip_vision_in_both_layouts() -> tuple[dict, dict, transformers.CLIPVisionConfig]:
+    """(HF CLIPVisionModel state dict, the same weights in OpenAI's layout, the config)."""
     torch.manual_seed(0)
     config = transformers.CLIPVisionConfig(hidden_size=64, intermediate_size=256,
                                            num_hidden_layers=2, num_attention_heads=1,
@@ -237,10 +242,74 @@ def test_openai_clip_layout_matches_hf_layout():
                          ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2"),
                          ("ln_2", "layer_norm2")):
                 openai[f"{o}{a}.{p}"] = sd[f"{h}{b}.{p}"]
+    return sd, openai, config
+
+
+def test_openai_clip_layout_matches_hf_layout():
+    # The same weights in both layouts convert to the same parameters.
+    sd, openai, config = clip_vision_in_both_layouts()
     _, from_hf = hf_clip_vision.convert(sd, config.to_dict(), _small_model(), 32)
     cfg, from_openai = hf_clip_vision.convert(openai, None, _small_model(), 32)
     assert cfg.vision.num_heads == 1 and cfg.vision.num_layers == 2
     jax.tree.map(np.testing.assert_array_equal, from_hf, from_openai)
+
+
+def save_torchscript(state_dict: dict, path, dtype=torch.float16, edit=lambda module: None
+                     ) -> dict:
+    """Writes a TorchScript module whose state_dict is `state_dict`, as OpenAI's CLIP .pt
+    files are (torch.jit.save archives of float16 weights), after `edit(module)`; returns the
+    saved state dict as float32 numpy."""
+    root = torch.nn.Module()
+    for key, value in state_dict.items():
+        *parents, name = key.split(".")
+        module = root
+        for part in parents:
+            if not hasattr(module, part):
+                module.add_module(part, torch.nn.Module())
+            module = getattr(module, part)
+        module.register_parameter(name, torch.nn.Parameter(torch.from_numpy(value).to(dtype)))
+    with warnings.catch_warnings():  # torch 2.13 deprecates TorchScript; the archives remain
+        warnings.simplefilter("ignore", DeprecationWarning)
+        module = torch.jit.script(root)
+        edit(module)
+        torch.jit.save(module, str(path))
+    return {k: v.float().numpy() for k, v in module.state_dict().items()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_openai_clip_torchscript_archive_reads_as_tensors_without_its_code(tmp_path, dtype):
+    _, openai, _ = clip_vision_in_both_layouts()
+
+    def strided(module):  # a view into a larger storage, with a stride: saved as such
+        with torch.no_grad():
+            getattr(module.visual.transformer.resblocks, "0").ln_1.weight.set_(
+                torch.arange(192, dtype=dtype).reshape(64, 3)[:, 1])
+
+    expected = save_torchscript(openai, tmp_path / "ViT-B-16.pt", dtype, strided)
+    loaded = checkpoint_files.load_state_dict(str(tmp_path / "ViT-B-16.pt"))
+    assert set(loaded) == set(expected)
+    for key, value in expected.items():
+        np.testing.assert_array_equal(loaded[key], value, err_msg=key)
+    _, converted = hf_clip_vision.convert(loaded, None, _small_model(), 32)
+    _, direct = hf_clip_vision.convert(expected, None, _small_model(), 32)
+    jax.tree.map(np.testing.assert_array_equal, converted, direct)
+
+
+def test_a_torchscript_archive_whose_pickle_would_run_code_is_refused(tmp_path):
+    marker = tmp_path / "code_ran"
+    path = tmp_path / "evil.pt"
+    save_torchscript({"visual.proj": np.zeros((2, 2), np.float32)}, path)
+    with zipfile.ZipFile(path) as archive:  # the same archive, its data.pkl replaced
+        records = {n: archive.read(n) for n in archive.namelist()}
+    data = next(n for n in records if n.endswith("/data.pkl"))
+    records[data] = pickle.dumps(WritesMarker(marker), protocol=2)
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, content in records.items():
+            archive.writestr(name, content)
+    with pytest.raises(checkpoint_files.UnsafeCheckpointError,
+                       match=r"TorchScript archive .*needs posix.system"):
+        checkpoint_files.load_state_dict(str(path))
+    assert not marker.exists()
 
 
 def test_hf_roberta_parity():
@@ -377,3 +446,63 @@ def test_convert_cli_writes_orbax_params_and_config(tmp_path):
                               str(tmp_path / "nowhere.safetensors"), str(tmp_path / "o2")],
                              cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert missing.returncode == 1 and "does not exist" in missing.stderr
+
+
+def test_towers_converted_apart_initialise_one_model_and_out_is_never_overwritten(tmp_path,
+                                                                                  capsys):
+    """The README's recipe for a fresh model: RoBERTa and CLIP converted into two
+    directories, loaded together by init_from=DIR1,DIR2; a converter refuses an OUT that
+    already holds params, and a config.json of another model type."""
+    import flax.linen as nn
+
+    from mtower_jax.models import model_config
+    from mtower_jax.models.inputs import random_inputs
+    from mtower_jax.train.init_from import InitFromError, load_init_params
+
+    torch.manual_seed(0)
+    transformers.RobertaModel(transformers.RobertaConfig(**TEXT)).save_pretrained(
+        tmp_path / "hf_roberta")
+    transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
+        hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=1,
+        image_size=32, patch_size=8)).save_pretrained(tmp_path / "hf_clip")
+    roberta, clip = tmp_path / "roberta", tmp_path / "clip"
+    assert convert_cli.main(["hf_roberta", str(tmp_path / "hf_roberta"), str(roberta),
+                             "--model=tiny"]) == 0
+    assert convert_cli.main(["hf_clip_vision", str(tmp_path / "hf_clip"), str(clip),
+                             "--model=tiny"]) == 0
+    capsys.readouterr()
+
+    # A second conversion into the same OUT is refused before anything is read or written.
+    before = sorted(p.name for p in (roberta / "params").iterdir())
+    assert convert_cli.main(["hf_clip_vision", str(tmp_path / "hf_clip"), str(roberta),
+                             "--model=tiny"]) == 1
+    assert "already holds converted params" in capsys.readouterr().err
+    assert sorted(p.name for p in (roberta / "params").iterdir()) == before
+    (tmp_path / "a_file").write_text("")
+    assert convert_cli.main(["hf_roberta", str(tmp_path / "hf_roberta"),
+                             str(tmp_path / "a_file"), "--model=tiny"]) == 1
+    assert "is a file" in capsys.readouterr().err
+    # The wrong converter for a checkpoint names its model type and the right one.
+    assert convert_cli.main(["hf_bridgetower", str(tmp_path / "hf_roberta"),
+                             str(tmp_path / "x")]) == 1
+    assert "is a 'roberta' model, and hf_bridgetower reads 'bridgetower'; convert it with " \
+           "hf_roberta" in capsys.readouterr().err
+
+    # One model: the text tower from one directory, the vision tower from the other.
+    cfg = model_config("tiny")
+    cfg.text = ml_collections.ConfigDict(json.loads((roberta / "model_config.json").read_text())
+                                         )["text"]
+    cfg.vision = ml_collections.ConfigDict(json.loads((clip / "model_config.json").read_text())
+                                           )["vision"]
+    fresh = jax.device_get(nn.unbox(build_model(cfg).init(jax.random.PRNGKey(0),
+                                                          **random_inputs(cfg, 2))["params"]))
+    params = load_init_params(f"{roberta},{clip}", fresh)
+    with ocp.StandardCheckpointer() as checkpointer:
+        for directory, tower in ((roberta, "text_encoder"), (clip, "vision_encoder")):
+            saved = checkpointer.restore(directory / "params")["backbone"][tower]
+            jax.tree.map(np.testing.assert_array_equal, params["backbone"][tower], saved)
+    jax.tree.map(np.testing.assert_array_equal, params["backbone"]["text_inputs"],
+                 fresh["backbone"]["text_inputs"])  # the managers start fresh
+    with pytest.raises(InitFromError, match="text_encoder/.* is in both .*roberta and "
+                                            ".*roberta; give each parameter one source"):
+        load_init_params(f"{roberta},{roberta}", fresh)

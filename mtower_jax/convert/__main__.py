@@ -2,8 +2,9 @@
 
 Reads SRC (safetensors or a torch file, or a directory holding one; an HF config.json beside
 it is used where the format has one), converts it, and writes into OUT an Orbax checkpoint of
-the parameters (OUT/params) and the model config (OUT/model_config.json). Training configs load
-it with --config.init_from=OUT.
+the parameters (OUT/params) and the model config (OUT/model_config.json); an OUT that already
+holds params is refused. Training configs load it with --config.init_from=OUT, and towers
+converted apart together: --config.init_from=runs/clip,runs/roberta.
 
   hf_bridgetower   HF BridgeTowerModel / ...ForMaskedLM / ...ForImageAndTextRetrieval
   hf_clip_vision   HF CLIPVisionModel or CLIPModel (vision tower only)
@@ -32,6 +33,9 @@ from mtower_jax.convert import (checkpoint_files, hf_bridgetower, hf_clip_vision
 from mtower_jax.models import model_config
 
 FORMATS = ("hf_bridgetower", "hf_clip_vision", "openai_clip", "hf_roberta", "official_ckpt")
+# config.json's model_type for each HF format (CLIPModel's and CLIPVisionModel's).
+HF_MODEL_TYPES = {"hf_bridgetower": ("bridgetower",), "hf_roberta": ("roberta",),
+                  "hf_clip_vision": ("clip", "clip_vision_model")}
 
 
 def convert(source_format: str, src: str, image_size: int | None, model: str,
@@ -49,6 +53,12 @@ def convert(source_format: str, src: str, image_size: int | None, model: str,
     hf_config = checkpoint_files.load_hf_config(src)
     if source_format != "openai_clip" and hf_config is None:
         raise FileNotFoundError(f"{source_format} needs the HF config.json beside {src}")
+    model_type, expected = (hf_config or {}).get("model_type"), HF_MODEL_TYPES.get(source_format)
+    if expected and model_type is not None and model_type not in expected:
+        right = [f for f, types in HF_MODEL_TYPES.items() if model_type in types]
+        raise ValueError(f"the config.json of {src} is a {model_type!r} model, and {source_format} "
+                         f"reads {' or '.join(map(repr, expected))}"
+                         + (f"; convert it with {right[0]}" if right else ""))
     if source_format == "hf_bridgetower":
         return hf_bridgetower.convert(state_dict, hf_config, drop_itc_cross_modal_head,
                                       scan_layers)
@@ -60,13 +70,23 @@ def convert(source_format: str, src: str, image_size: int | None, model: str,
                                   else None, target, image_size)
 
 
+def check_out(out: str) -> None:
+    """ValueError unless OUT can take a conversion: never a file, nor over another one's params."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"OUT {out} is a file; name a directory")
+    if os.path.exists(os.path.join(out, "params")):
+        raise ValueError(f"OUT {out} already holds converted params; pick a new directory (a "
+                         f"model made of two conversions loads both: "
+                         f"--config.init_from=runs/clip,runs/roberta)")
+
+
 def save(out: str, model_cfg, variables) -> None:
     import orbax.checkpoint as ocp
 
     out = os.path.abspath(out)
     os.makedirs(out, exist_ok=True)
     with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(os.path.join(out, "params"), variables["params"], force=True)
+        checkpointer.save(os.path.join(out, "params"), variables["params"])
     with open(os.path.join(out, "model_config.json"), "w") as f:
         f.write(model_cfg.to_json(indent=2))
 
@@ -83,10 +103,15 @@ def main(argv=None) -> int:
     parser.add_argument("--scan_layers", action="store_true")
     args = parser.parse_args(argv)
     try:
+        check_out(args.out)
         model_cfg, variables = convert(args.source_format, args.src, args.image_size, args.model,
                                        args.drop_itc_cross_modal_head, args.scan_layers)
     except (ValueError, FileNotFoundError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyError as e:  # a config.json or state dict without a key the format always has
+        print(f"error: {args.src} has no {e}, which every {args.source_format} checkpoint has: "
+              f"is it one?", file=sys.stderr)
         return 1
     save(args.out, model_cfg, variables)
     count = sum(v.size for v in jax.tree.leaves(variables["params"]))

@@ -4,7 +4,9 @@ safetensors files are plain tensors. torch files (.bin / .pt / .pth / .ckpt) are
 with `torch.load(weights_only=True)`, whose unpickler accepts tensors and plain containers
 and refuses anything that would import or call code; such a file is rejected with a message
 that says so (UnsafeCheckpointError), a truncated or garbage file with one that says that
-(UnreadableCheckpointError); both are ValueErrors, which the converter CLI prints. Lightning
+(UnreadableCheckpointError); both are ValueErrors, which the converter CLI prints.
+TorchScript archives (torch.jit.save; OpenAI's CLIP releases) are read by
+torchscript_archive, which takes their tensors and never their code. Lightning
 checkpoints keep their weights under 'state_dict' and their config under 'hyper_parameters'
 (`load_lightning_checkpoint` returns both).
 """
@@ -17,6 +19,8 @@ import re
 from typing import Any
 
 import numpy as np
+
+from mtower_jax.convert import torchscript_archive
 
 
 class UnsafeCheckpointError(ValueError):
@@ -45,6 +49,15 @@ def load_lightning_checkpoint(path: str) -> tuple[dict[str, np.ndarray], dict[st
     """(state dict, hyper_parameters) of a torch file: a PyTorch Lightning checkpoint
     {'state_dict': ..., 'hyper_parameters': ...} or a bare state dict (hyper_parameters {})."""
     path = _resolve(path)
+    if torchscript_archive.is_torchscript_archive(path):
+        try:
+            tensors = torchscript_archive.read_tensors(path)
+        except torchscript_archive.ArchiveError as e:
+            raise UnsafeCheckpointError(f"{path} is a TorchScript archive that cannot be read as "
+                                        f"tensors alone: {e}") from None
+        except Exception as e:  # a damaged zip or pickle
+            raise _unreadable(path, e) from None
+        return {k: _as_numpy(v) for k, v in tensors.items()}, {}
     try:
         import torch
     except ImportError:
@@ -87,7 +100,10 @@ def load_hf_config(path: str) -> dict[str, Any] | None:
     if not os.path.exists(config):
         return None
     with open(config) as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except ValueError as e:
+            raise ValueError(f"{config} is not valid JSON: {e}") from None
 
 
 def _resolve(path: str) -> str:

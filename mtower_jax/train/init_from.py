@@ -2,6 +2,9 @@
 
     DIR/params                          written by `python -m mtower_jax.convert`
     DIR/checkpoints/<step>/state        a training run's workdir (its newest checkpoint)
+    DIR1,DIR2,...                       several, each giving the parameters it has (the
+                                        uni-modal towers converted apart: runs/clip,runs/roberta);
+                                        a parameter in two of them is an error
 
 Params only: the optimizer starts fresh. Parameters this model has and the source lacks
 (e.g. a task head after pretraining) keep their fresh initialisation and are listed in the
@@ -137,9 +140,26 @@ def merge_params(fresh: dict, source: dict, what: str) -> tuple[dict, dict]:
     return traverse_util.unflatten_dict(merged, sep="/"), report
 
 
+def read_sources(init_from: str) -> dict:
+    """The params of config.init_from: one directory, or several joined by commas, whose
+    params are united (InitFromError if two hold the same parameter)."""
+    directories = [d.strip() for d in init_from.split(",") if d.strip()]
+    if len(directories) == 1:
+        return read_params(directories[0])
+    united, owner = {}, {}
+    for directory in directories:
+        for key, value in traverse_util.flatten_dict(read_params(directory), sep="/").items():
+            if key in owner:
+                raise InitFromError(f"config.init_from: {key} is in both {owner[key]} and "
+                                    f"{directory}; give each parameter one source")
+            united[key], owner[key] = value, directory
+    return traverse_util.unflatten_dict(united, sep="/")
+
+
 def load_init_params(directory: str, fresh_params: dict) -> dict:
-    """`fresh_params` (host numpy tree) overwritten from `directory`; the report is logged."""
-    params, report = merge_params(fresh_params, read_params(directory), directory)
+    """`fresh_params` (host numpy tree) overwritten from `directory` (config.init_from: one
+    or several, see read_sources); the report is logged."""
+    params, report = merge_params(fresh_params, read_sources(directory), directory)
     logging.info("init_from %s: loaded %d parameters", directory, len(report["loaded"]))
     for note in report["adapted"]:
         logging.info("init_from %s: %s", directory, note)
