@@ -54,3 +54,28 @@ def test_a_tiny_finetune_beats_chance(task, tmp_path_factory):
         again = loop.evaluate_only(config, str(workdir))[split]
         assert again[metric] == pytest.approx(result[metric], abs=1e-6)
         assert json.loads((workdir / f"eval_{split}.json").read_text())["step"] == steps
+
+
+def test_a_periodic_vqa_evaluation_leaves_the_submission_file_alone(tmp_path_factory):
+    """eval_steps batches answer part of the split: only a whole evaluation writes the
+    file a user uploads, so a run stopped after a periodic one leaves no partial file."""
+    import flax.linen as nn
+    import jax
+
+    from conftest import random_variables
+    from mtower_jax.models import build_model
+    from mtower_jax.models.partitioning import resolve_rules
+    from mtower_jax.train import mesh as mesh_lib
+    from mtower_jax.train.evaluation import Evaluator
+
+    workdir = tmp_path_factory.mktemp("vqa_periodic")
+    config = finetune_config("vqa", str(tmp_path_factory.getbasetemp() / "finetune_data"))
+    params = random_variables(config.model)["params"]
+    mesh, rules = mesh_lib.make_mesh(config.mesh), resolve_rules(config.logical_axis_rules)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        evaluator = Evaluator(config, build_model(config.model), mesh, str(workdir))
+        partial = evaluator.evaluate(params, "val", max_batches=1)
+        assert "submission" not in partial and not (workdir / "vqa_submission_val.json").exists()
+        whole = evaluator.evaluate(params, "val")
+    rows = json.loads((workdir / "vqa_submission_val.json").read_text())
+    assert len(rows) == whole["examples"] > partial["examples"] > 0

@@ -160,3 +160,31 @@ def test_init_from_loads_params_and_lists_fresh_heads(uninterrupted, caplog):
     wider = tiny_config("manager", **LAYERS, **{"text.mlp_dim": 128})
     with pytest.raises(InitFromError, match="intermediate/kernel"):
         load_init_params(str(uninterrupted), random_variables(wider)["params"])
+
+
+def test_a_rejected_or_finished_resume_changes_nothing_in_the_run(env, uninterrupted, tmp_path):
+    """Another config's run into an existing workdir: exit 1 with the mismatch report alone
+    (no restore of the wrong tree is started), and the run's config.json and checkpoints
+    stay as they were; so do they when the run is started again past its end."""
+    import shutil
+
+    workdir = tmp_path / "run"
+    shutil.copytree(uninterrupted, workdir)
+    before = {p: p.read_bytes() for p in sorted(workdir.rglob("*")) if p.is_file()}
+    result = subprocess.run([sys.executable, "-m", "mtower_jax.main",
+                             *main_args(env, "--config.model.text.mlp_dim=128"),
+                             f"--workdir={workdir}"], env=env["env"], capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 1
+    assert "does not fit this run's train state" in result.stderr
+    assert "model.text.mlp_dim: 256 -> 128" in result.stderr
+    assert len(result.stderr.splitlines()) < 300, result.stderr[-3000:]
+    after = {p: p.read_bytes() for p in sorted(workdir.rglob("*")) if p.is_file()}
+    assert after == before
+    # Started again past its end (a scheduler's relaunch, a smaller total_steps): a warning,
+    # and nothing written.
+    result = run(env, workdir, "--config.total_steps=30")
+    assert "the newest checkpoint is at step 40, config.total_steps=30: nothing to train" \
+        in result.stderr
+    after = {p: p.read_bytes() for p in sorted(workdir.rglob("*")) if p.is_file()}
+    assert after == before

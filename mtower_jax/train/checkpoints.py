@@ -328,8 +328,10 @@ class Checkpoints:
         """CheckpointMismatchError unless checkpoint `step` holds exactly the arrays of
         `abstract_state` (same paths, shapes, dtypes); reads only metadata. Without its
         metadata (deleted) there is nothing to compare: the restore checks what it can.
-        Run when a restore fails or reads back other bits (a dtype cast): it tells another
-        config's checkpoint (an error) from a damaged one (a fallback)."""
+        Run before every restore: it tells another config's checkpoint (an error) from a
+        damaged one (a fallback), and a restore of the wrong tree is never started (Orbax's
+        aborted reads printed thousands of lines of tracebacks around the report), nor one
+        that Orbax would cast to the target's dtype without a word."""
         try:
             metadata = self.manager.item_metadata(step)["state"]
         except Exception as e:
@@ -384,19 +386,17 @@ class Checkpoints:
             args["manifest"] = ocp.args.JsonRestore()
         if data_iterator is not None:
             args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        self.check_compatible(step, abstract_state)
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(**args))
         except Exception as e:
-            self.check_compatible(step, abstract_state)
             raise CheckpointDamagedError(f"{self.step_dir(step)} cannot be read: "
                                          f"{_short(e)}") from e
         return restored["state"], restored.get("manifest") if "manifest" in args else None
 
-    def _verify(self, step: int, state: dict, manifest: dict | None,
-                abstract_state: dict) -> None:
+    def _verify(self, step: int, state: dict, manifest: dict | None) -> None:
         """CheckpointDamagedError unless every array reads back with its saved fingerprint."""
         if manifest is None:
-            self.check_compatible(step, abstract_state)  # no fingerprint to catch a cast
             logging.warning("%s has no manifest (written before fingerprints were added): "
                             "its arrays cannot be verified", self.step_dir(step))
             return
@@ -407,7 +407,6 @@ class Checkpoints:
         saved, now = manifest.get("arrays", {}), fingerprints(state)
         wrong = sorted(k for k in now if saved.get(k) != now[k])
         if wrong:
-            self.check_compatible(step, abstract_state)  # Orbax casts to the target dtype
             raise CheckpointDamagedError(
                 f"{self.step_dir(step)}: {len(wrong)} arrays read back different from what "
                 f"was saved (corrupt files): {', '.join(wrong)}")
@@ -417,7 +416,7 @@ class Checkpoints:
         fingerprints; the iterator is moved to where it was at that step. Raises
         CheckpointMismatchError or CheckpointDamagedError."""
         state, manifest = self._read(step, abstract_state, data_iterator)
-        self._verify(step, state, manifest, abstract_state)
+        self._verify(step, state, manifest)
         return state
 
     def restore_newest(self, abstract_state: dict,
@@ -442,7 +441,7 @@ class Checkpoints:
                 error = e
             if _all_processes(error is None):  # the same decision on every process
                 try:
-                    self._verify(step, state, manifest, abstract_state)  # collective
+                    self._verify(step, state, manifest)  # collective
                 except CheckpointDamagedError as e:
                     error = e
             elif error is None:

@@ -104,9 +104,8 @@ class Evaluator:
                 self._retrieval = RetrievalEvaluator(self.config, self.model, self.mesh)
             return self._retrieval.evaluate(params, split)
         data, examples = self._split_data(split)
-        num_batches = math.ceil(examples / self.batch_size)
-        if max_batches:
-            num_batches = min(num_batches, max_batches)
+        whole = math.ceil(examples / self.batch_size)
+        num_batches = min(whole, max_batches) if max_batches else whole
         local = self.batch_size // jax.process_count()
         totals, predictions = {}, []
         for i, batch in enumerate(padded_batches(iter(data), local, num_batches)):
@@ -128,12 +127,14 @@ class Evaluator:
             metrics = {"accuracy": metrics[f"acc_{self.task}"],
                        "loss": metrics[f"loss_{self.task}"], "examples": metrics["examples"]}
         if self.task == "vqa":
-            metrics.update(self._vqa_submission(split, predictions))
+            metrics.update(self._vqa_submission(split, predictions, num_batches == whole))
         return metrics
 
-    def _vqa_submission(self, split: str, predictions: list[dict]) -> dict:
-        """Writes DIR/vqa_submission_<split>.json; the accuracy is None when no question of
-        the split has an answer (test-dev, test)."""
+    def _vqa_submission(self, split: str, predictions: list[dict], whole: bool) -> dict:
+        """Writes DIR/vqa_submission_<split>.json when the evaluation read the `whole` split
+        (a periodic one of eval_steps batches would leave a partial file to upload); the
+        accuracy and loss are None when no question of the split has an answer (test-dev,
+        test: its targets are all zero)."""
         vocabulary = pipeline.answer_vocabulary(self.config)
         rows, answered = [], False
         for chunk in predictions:
@@ -141,14 +142,17 @@ class Evaluator:
             answered |= bool(np.any(chunk["answered"][keep]))
             rows += [{"question_id": int(q), "answer": vocabulary[int(p)]}
                      for q, p in zip(chunk["question_id"][keep], chunk["prediction"][keep])]
+        unanswered = {} if answered else {"accuracy": None, "loss": None}
+        if not whole:
+            return unanswered
         path = os.path.join(self.workdir, f"vqa_submission_{split}.json")
         if jax.process_index() == 0:
             with open(path, "w") as f:
                 json.dump(rows, f)
-        return {"submission": path} | ({} if answered else {"accuracy": None})
+        return {"submission": path} | unanswered
 
     def write(self, split: str, step: int, metrics: dict) -> str:
-        """DIR/eval_<split>.json with the step and checkpoint evaluated."""
+        """DIR/eval_<split>.json: the split, the step evaluated, the task and `metrics`."""
         path = os.path.join(self.workdir, f"eval_{split}.json")
         if jax.process_index() == 0:
             with open(path, "w") as f:

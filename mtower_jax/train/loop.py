@@ -149,9 +149,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs (or resumes) training to config.total_steps; returns the last logged metrics."""
     mesh, rules = _run_context(config, workdir)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        config = resolve_total_steps(config)
-        write_config(config, workdir)
-        return _train(config, workdir, mesh, rules)
+        return _train(resolve_total_steps(config), workdir, mesh, rules)
 
 
 def evaluate_only(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -228,11 +226,19 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Me
           abstract_state: dict, init: Callable) -> dict:
     state, data_iter = _initial_state(config, checkpoints, abstract_state, init,
                                       _train_data(config, get_task(config), checkpoints))
+    step = int(jax.device_get(state["step"]))
+    if step >= config.total_steps:  # a finished run started again (e.g. by a scheduler)
+        logging.warning("the newest checkpoint is at step %d, config.total_steps=%d: nothing "
+                        "to train; raise --config.total_steps to go on", step,
+                        config.total_steps)
+        return {}
+    # Only now: a start that fails (a checkpoint of another config, missing data) or does
+    # nothing must not replace the config.json of the run in DIR.
+    write_config(config, workdir)
     example_log = ExampleLog(workdir) if config.data.get("log_example_ids") else None
     train_step = jit_train_step(config, model, tx, abstract_state, mesh)
     evaluator = Evaluator(config, model, mesh, workdir)
 
-    step = int(jax.device_get(state["step"]))
     base_rng = jax.device_get(state["rng"])  # a host copy: the state buffers are donated
     writer = MetricsWriter(workdir, total_steps=config.total_steps,
                            is_main_process=jax.process_index() == 0)
