@@ -8,8 +8,11 @@
 expands to the cartesian product of the grid (8 runs here), each in its own workdir named
 after its grid values (runs/sweep/manager.type=SAUE,manager.weight_type=scalar,...), with
 the --set overrides shared by all. Every key and value is checked against the loaded config
-first (unknown keys, values that do not parse as the field's type): nothing is launched unless
-all pass. Launchers:
+first (unknown keys, values that do not parse as the field's type), then every run's whole
+config as the run itself will check it (train.run_checks.check_run: task and losses, model,
+training values): nothing is launched unless all pass. Tuple fields take Python literals
+(--set "losses=('mlm','itm','itc')"); a --grid whose values hold commas separates them with
+'|' (--grid "losses=('mlm','itm')|('mlm','itm','itc')"). Launchers:
   local    runs the runs one after another here (launch/local.sh main ...)
   tpu_pod  runs them one after another on the TPU of launch/tpu_pod.sh (its variables come from
            this environment; CONFIG and WORKDIR are set per run)
@@ -19,12 +22,14 @@ all pass. Launchers:
            WORKDIR_ROOT/commands.txt) and submits one job array,
            `sbatch --array=0-(N-1) launch/slurm.sbatch`, whose task I runs line I+1
 --dry_run prints the commands (+ ...) instead of running them; for slurm it still writes the
-COMMANDS file and prints it. Grid values are comma-separated, so they cannot hold commas.
+COMMANDS file and prints it.
 Importable: plan() and the launch_* functions take the parsed arguments.
 """
 from __future__ import annotations
 
 import argparse
+import ast
+import copy
 import dataclasses
 import difflib
 import hashlib
@@ -84,24 +89,62 @@ def _leaves(node, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _type_problem(key: str, text: str, default: Any) -> str | None:
-    """Why `text` is not a value of the field's type (its current value's), or None."""
+def parse_value(text: str, default: Any) -> Any:
+    """`text` as a value of the field whose current value is `default`, as absl's
+    --config.KEY=VALUE parses it; ValueError if it is not one."""
     kind = type(default)
     if kind is str:
-        return None
+        return text
     if kind is bool:
-        if text.lower() in _BOOLS:
-            return None
-    elif kind in (int, float):
+        if text.lower() not in _BOOLS:
+            raise ValueError(text)
+        return text.lower() in ("true", "1")
+    if kind in (int, float):
+        return kind(text)
+    if kind in (tuple, list):
         try:
-            kind(text)
-            return None
-        except ValueError:
-            pass
-    else:
-        return (f"{key} is a {kind.__name__} field; a sweep only sets int, float, bool and "
-                "str fields")
-    return f"{key}={text!r} does not parse as {kind.__name__} (the field's value is {default!r})"
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            raise ValueError(text) from None
+        value = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+        kinds = {type(x) for x in default}
+        if kinds and not all(type(x) in kinds for x in value):
+            raise ValueError(text)
+        return kind(value)
+    raise TypeError(kind)
+
+
+def _type_problem(key: str, text: str, default: Any) -> str | None:
+    """Why `text` is not a value of the field's type (its current value's), or None."""
+    try:
+        parse_value(text, default)
+        return None
+    except TypeError:
+        return (f"{key} is a {type(default).__name__} field; a sweep sets int, float, bool, "
+                "str and tuple fields")
+    except ValueError:
+        return (f"{key}={text!r} does not parse as {type(default).__name__} (the field's "
+                f"value is {default!r})")
+
+
+def run_problem(config, overrides: Sequence[tuple[str, str]]) -> str | None:
+    """What the run of `config` with `overrides` (keys and values already type-checked)
+    would stop on at start, or None: the checks mtower_jax.main makes before writing."""
+    from mtower_jax.train.run_checks import check_run
+
+    config = copy.deepcopy(config)
+    leaves = _leaves(config)
+    for key, text in overrides:
+        *groups, leaf = key.split(".")
+        node = config
+        for group in groups:
+            node = node[group]
+        node[leaf] = parse_value(text, leaves[key])
+    try:
+        check_run(config)
+    except ValueError as e:
+        return str(e).replace("\n", "\n    ")
+    return None
 
 
 def check(config, overrides: Sequence[tuple[str, Sequence[str]]]) -> list[str]:
@@ -111,7 +154,8 @@ def check(config, overrides: Sequence[tuple[str, Sequence[str]]]) -> list[str]:
     problems = []
     for key, values in overrides:
         if key in leaves:
-            problems += filter(None, (_type_problem(key, v, leaves[key]) for v in values))
+            found = filter(None, (_type_problem(key, v, leaves[key]) for v in values))
+            problems += dict.fromkeys(found)  # one message per problem, in order
         elif key in groups:
             fields = sorted(k for k in leaves if k.startswith(key + "."))
             problems.append(f"{key} is a group of fields, not a field: {', '.join(fields)}")
@@ -137,10 +181,19 @@ def _short(keys: Sequence[str]) -> list[str]:
     return short if len(set(short)) == len(short) else list(keys)
 
 
+def _name_value(text: str) -> str:
+    """A value as a run name shows it: a tuple literal's items joined by '+'."""
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+    return "+".join(map(str, value)) if isinstance(value, (tuple, list)) else text
+
+
 def run_name(pairs: Sequence[tuple[str, str]]) -> str:
     """'k=v,k=v', with characters that are unsafe in a path replaced; long names are cut
     and made unique with a hash (a file name has at most 255 bytes)."""
-    name = ",".join(f"{key}={value}" for key, value in pairs)
+    name = ",".join(f"{key}={_name_value(value)}" for key, value in pairs)
     safe = re.sub(r"[^A-Za-z0-9._=,+-]", "_", name).lstrip(".") or "run"
     if len(safe) > 200:
         safe = f"{safe[:180]}-{hashlib.sha1(name.encode()).hexdigest()[:10]}"
@@ -149,7 +202,7 @@ def run_name(pairs: Sequence[tuple[str, str]]) -> str:
 
 def plan(args: argparse.Namespace) -> list[Run]:
     """The runs of the sweep; SweepError (naming every problem) if any override is bad."""
-    grid = [(key, [value.strip() for value in values.split(",")])
+    grid = [(key, [value.strip() for value in values.split("|" if "|" in values else ",")])
             for key, values in (parse_assignment(text, "--grid") for text in args.grid)]
     fixed = [parse_assignment(text, "--set") for text in args.set]
     keys = [key for key, _ in grid + fixed]
@@ -159,7 +212,8 @@ def plan(args: argparse.Namespace) -> list[Run]:
     for key, values in grid:
         if "" in values:
             raise SweepError(f"--grid {key}: empty value in {','.join(values)!r}")
-    problems = check(load_config(args.config), grid + [(key, [value]) for key, value in fixed])
+    config = load_config(args.config)
+    problems = check(config, grid + [(key, [value]) for key, value in fixed])
     if args.launcher == "slurm" and "://" in args.workdir_root and not args.commands_file:
         problems.append("--launcher=slurm with a remote --workdir_root: pass --commands_file")
     if problems:
@@ -174,6 +228,11 @@ def plan(args: argparse.Namespace) -> list[Run]:
                         overrides=tuple(zip(grid_keys, values)) + tuple(fixed)))
     if len({run.workdir for run in runs}) != len(runs):
         raise SweepError("two runs got the same workdir; make the grid values distinct")
+    failing = [(run.name, run_problem(config, run.overrides)) for run in runs]
+    failing = [f"run {name}: {problem}" for name, problem in failing if problem]
+    if failing:
+        raise SweepError(f"nothing launched: {len(failing)} of {len(runs)} runs would stop at "
+                         "start:\n  " + "\n  ".join(failing))
     return runs
 
 

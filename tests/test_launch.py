@@ -383,3 +383,29 @@ def test_run_names_are_safe_file_names():
         "data.tokenizer_dir=_data_rob_erta"
     long = sweep.run_name([("init_from", "x" * 300)])
     assert len(long) <= 200 and long != sweep.run_name([("init_from", "x" * 299)])
+
+
+def test_sweep_takes_tuple_fields_and_checks_every_run_as_the_run_would(capsys):
+    """An ablation over the losses (tuples, their grid values separated by '|'), and a grid
+    with values each run would refuse at start: nothing launches, every such run named."""
+    tiny = "--config=configs/pretrain.py:model=tiny"
+    assert sweep.main([tiny, "--set", "model.heads=('mlm','itm','itc')",
+                       "--grid", "losses=('mlm','itm')|('mlm','itm','itc')",
+                       "--workdir_root=runs/x", "--dry_run"]) == 0
+    commands = [shlex.split(line[2:]) for line in capsys.readouterr().out.splitlines()]
+    assert [option(argv, "config.losses") for argv in commands] == [
+        "('mlm','itm')", "('mlm','itm','itc')"]
+    assert [option(argv, "workdir") for argv in commands] == [
+        "runs/x/losses=mlm+itm", "runs/x/losses=mlm+itm+itc"]
+
+    assert sweep.main([tiny, "--set", "losses=mlm,itm", "--workdir_root=runs/x",
+                       "--dry_run"]) == 2  # not a Python literal
+    assert "losses='mlm,itm' does not parse as tuple" in capsys.readouterr().err
+    assert sweep.main([tiny, "--grid", "model.manager.num_layers=3,9",
+                       "--grid", "optimizer.lr=-1,1e-4", "--workdir_root=runs/x",
+                       "--dry_run"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "3 of 4 runs would stop at start" in err
+    assert "run manager.num_layers=9,optimizer.lr=1e-4: invalid model config" in err
+    assert "run manager.num_layers=3,optimizer.lr=-1: the run config has invalid values" in err
+    assert "manager.num_layers=3,optimizer.lr=1e-4:" not in err

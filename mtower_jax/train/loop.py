@@ -38,7 +38,6 @@ import ml_collections
 import numpy as np
 
 from mtower_jax.data import pipeline
-from mtower_jax.models.config import validate as validate_model_config
 from mtower_jax.models.partitioning import resolve_rules
 from mtower_jax.train import flops, mesh as mesh_lib, run_checks
 from mtower_jax.train.checkpoints import Checkpoints
@@ -138,9 +137,7 @@ def _mean_metrics(window: list[dict]) -> dict:
 
 
 def _run_context(config, workdir):
-    get_task(config)  # config.task and config.losses agree
-    run_checks.validate(config)
-    validate_model_config(config.model)  # here too, so that a bad one writes nothing
+    run_checks.check_run(config)  # a bad config writes nothing
     os.makedirs(workdir, exist_ok=True)
     return mesh_lib.make_mesh(config.mesh), resolve_rules(config.logical_axis_rules)
 

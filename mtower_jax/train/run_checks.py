@@ -5,13 +5,26 @@ at the first log line (`log_every=0`), a reshape error inside the traced step
 (`grad_accum_steps` not dividing the batch), a checkpoint that Orbax never finalises
 (`keep_checkpoints=0`), or no error at all (a negative learning rate trains uphill).
 `validate` raises one ValueError listing every such value with its rule. The model part is
-checked by `models.config.validate`, the task and its losses by `train.tasks.get_task`.
+checked by `models.config.validate`, the task and its losses by `train.tasks.get_task`;
+`check_run` makes all three checks, as a run does before it writes anything (and a sweep for
+each of its runs before it launches one).
 """
 from __future__ import annotations
 
 import ml_collections
 
+from mtower_jax.models.config import validate as validate_model
+from mtower_jax.train.tasks import get_task
+
 NONFINITE_POLICIES = ("skip", "stop")  # a step with a non-finite loss: skipped, or the run stops
+
+
+def check_run(config: ml_collections.ConfigDict) -> None:
+    """Raises ValueError at the first of the task, the model and the training values that
+    has a problem (each message lists all of its own)."""
+    get_task(config)  # config.task and config.losses agree
+    validate(config)
+    validate_model(config.model)
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
