@@ -326,6 +326,28 @@ def test_vqav2_vocabulary_soft_scores_and_question_grouping(tmp_path):
     assert "malformed question" in builder.bad["val"].reasons
 
 
+def test_vqav2_refuses_an_empty_answer_vocabulary_and_the_cli_sets_the_threshold(tmp_path):
+    """The default threshold (9) on a small set keeps no answer: the build stops rather
+    than write a dataset no VQA head can train on; --min_answer_count is the way out."""
+    raw = tmp_path / "raw"
+    write_vqa(raw)
+    with pytest.raises(DataError, match="answer vocabulary would be empty; build with a "
+                                        "smaller --min_answer_count"):
+        build_dataset("vqav2", str(raw), str(tmp_path / "data"), 1.0)
+    assert not list((tmp_path / "data" / "vqav2").glob("*"))  # no version half-written
+    with pytest.raises(DataError, match="--min_answer_count applies to vqav2, not nlvr2"):
+        build_dataset("nlvr2", str(raw), str(tmp_path / "data"), 1.0, min_answer_count=2)
+    with pytest.raises(DataError, match=r"--max_skipped_fraction=-1 must be in \[0, 1\]"):
+        build_dataset("vqav2", str(raw), str(tmp_path / "data"), -1)
+    result = subprocess.run([sys.executable, "-m", "mtower_jax.data.build", "vqav2",
+                             f"--raw_dir={raw}", f"--data_dir={tmp_path / 'data'}",
+                             "--max_skipped_fraction=1", "--min_answer_count=2"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    data_dir = get_builder("vqav2", raw_dir=str(raw), data_dir=str(tmp_path / "data")).data_dir
+    assert vqav2.read_answers(data_dir) == ["2", "dog", "yes"]
+
+
 @pytest.mark.parametrize("raw, normalised", [
     ("Two", "2"), ("the dog.", "dog"), ("Yes!", "yes"), ("dont", "don't"), ("cant", "can't"),
     ("couldnt've", "couldn't've"), ("1,000", "1000"), ("3.5", "3.5"), ("t-shirt", "t shirt"),

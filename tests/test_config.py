@@ -127,6 +127,7 @@ def test_bad_config_arguments():
     ({"max_text_len": 40}, r"model.max_text_len=40 needs 42 position rows"),
     ({"heads": ("mlm", "captioning")}, r"model.heads='captioning'"),
     ({"heads": ("nlvr2",)}, r"nlvr2 head needs model.num_token_types=3"),
+    ({"heads": ("vqa",), "vqa_num_answers": 0}, r"model.vqa_num_answers=0 must be a positive"),
     ({"text.activation": "swish"}, r"model.text.activation='swish'"),
     ({"cross.dropout": 1.5}, r"model.cross.dropout=1.5 must be in \[0, 1\)"),
     ({"dtype": "float64"}, r"model.dtype='float64'"),

@@ -155,6 +155,10 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
               "layer, HF BridgeTower's share_cross_modal_transformer_layers=False) needs "
               "model.tower='bridge'")
     check(cfg.num_token_types >= 2, "model.num_token_types must be >= 2 (text and image rows)")
+    if "vqa" in cfg.heads:
+        check(isinstance(cfg.vqa_num_answers, int) and cfg.vqa_num_answers >= 1,
+              f"model.vqa_num_answers={cfg.vqa_num_answers!r} must be a positive integer (the "
+              "answer vocabulary's size)")
     if "nlvr2" in cfg.heads:
         check(cfg.num_token_types >= 3,
               "the nlvr2 head needs model.num_token_types=3 (a row for the second image)")

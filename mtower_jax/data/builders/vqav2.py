@@ -160,6 +160,11 @@ class Vqav2(RawFilesBuilder):
              for split_annotations in annotations.values() for a in split_annotations.values()
              if isinstance(a.get("multiple_choice_answer"), str)],
             self.min_answer_count)
+        if not vocabulary:
+            raise DataError(f"{self.name}: no answer of the train and val annotations under "
+                            f"{raw_dir} is given {self.min_answer_count} times or more, so the "
+                            f"answer vocabulary would be empty; build with a smaller "
+                            f"--min_answer_count (into a new --data_dir)")
         # data_dir is the build's temporary folder here: the file lands with the shards.
         with open(os.path.join(self.data_dir, ANSWERS_FILE), "w") as f:
             json.dump(vocabulary, f)
