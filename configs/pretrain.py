@@ -30,7 +30,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         datasets=("synthetic_shapes",) if synthetic else (
             "coco_captions", "visual_genome", "sbu", "cc3m"),
         data_dir="data" if synthetic else "",  # real data: the tfds folder the builders wrote
-        tokenizer_dir="",  # '' = the synthetic world's BPE; real data: roberta-base's files
+        # '' = the synthetic world's BPE (data=synthetic); data=real needs roberta-base's files.
+        tokenizer_dir="",
         train_split="train",
         eval_splits=("val",),
         synthetic_seed=0,

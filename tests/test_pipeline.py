@@ -201,6 +201,21 @@ def test_a_missing_split_is_named_when_the_evaluator_is_made(data_dir):
         Evaluator(config, model=None, mesh=None, workdir="")
 
 
+def test_a_run_whose_data_is_missing_writes_nothing(data_dir, tmp_path):
+    """The data a run reads is checked with its config, before DIR exists."""
+    from mtower_jax.train import loop
+
+    config = config_for(data_dir)
+    config.data.eval_splits = ("nope",)
+    for run in (loop.train, loop.evaluate_only):
+        with pytest.raises(DataError, match="no dataset has a split 'nope'"):
+            run(config, str(tmp_path / "run"))
+    config.data.datasets, config.data.data_dir = ("coco_captions",), str(tmp_path / "nowhere")
+    with pytest.raises(DataError, match="is not a directory"):
+        loop.train(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
 def test_grain_worker_processes_give_the_same_batches(data_dir):
     config = config_for(data_dir)
     expected = take(iter(pipeline.pretrain_data(config, train=True)), 3)

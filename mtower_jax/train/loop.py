@@ -136,15 +136,19 @@ def _mean_metrics(window: list[dict]) -> dict:
     return {k: float(np.mean([m[k] for m in window])) for k in window[0]}
 
 
-def _run_context(config, workdir):
-    run_checks.check_run(config)  # a bad config writes nothing
+def _run_context(config, workdir, splits):
+    """(mesh, rules) of a run, once its config and the data `splits` it reads check out:
+    a bad config or a missing dataset writes nothing, not even DIR."""
+    run_checks.check_run(config)
+    pipeline.check_splits(config, config.get("task", "pretrain"), splits)
     os.makedirs(workdir, exist_ok=True)
     return mesh_lib.make_mesh(config.mesh), resolve_rules(config.logical_axis_rules)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs (or resumes) training to config.total_steps; returns the last logged metrics."""
-    mesh, rules = _run_context(config, workdir)
+    splits = (config.data.train_split, *config.data.eval_splits)
+    mesh, rules = _run_context(config, workdir, splits)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         return _train(resolve_total_steps(config), workdir, mesh, rules)
 
@@ -152,7 +156,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def evaluate_only(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """`--mode=eval`: the newest checkpoint in DIR (else config.init_from) on every eval
     split; writes DIR/eval_<split>.json and returns {split: metrics}."""
-    mesh, rules = _run_context(config, workdir)
+    mesh, rules = _run_context(config, workdir, config.data.eval_splits)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         config = copy.deepcopy(config)
         config.total_steps = max(config.total_steps, 1)  # the optimizer is built, not used
