@@ -162,29 +162,35 @@ def test_init_from_loads_params_and_lists_fresh_heads(uninterrupted, caplog):
         load_init_params(str(uninterrupted), random_variables(wider)["params"])
 
 
-def test_a_rejected_or_finished_resume_changes_nothing_in_the_run(env, uninterrupted, tmp_path):
-    """Another config's run into an existing workdir: exit 1 with the mismatch report alone
-    (no restore of the wrong tree is started), and the run's config.json and checkpoints
-    stay as they were; so do they when the run is started again past its end."""
+def test_a_rejected_or_finished_resume_changes_nothing_in_the_run(env, uninterrupted, tmp_path,
+                                                                  caplog):
+    """Another config's run into an existing workdir stops with the mismatch report, and
+    the run's config.json and checkpoints stay as they were; so do they when the run is
+    started again past its end. In-process: the restore is all there is to run."""
     import shutil
+
+    from configs.pretrain import get_config
+    from mtower_jax.train import loop
+    from mtower_jax.train.checkpoints import CheckpointMismatchError
 
     workdir = tmp_path / "run"
     shutil.copytree(uninterrupted, workdir)
     before = {p: p.read_bytes() for p in sorted(workdir.rglob("*")) if p.is_file()}
-    result = subprocess.run([sys.executable, "-m", "mtower_jax.main",
-                             *main_args(env, "--config.model.text.mlp_dim=128"),
-                             f"--workdir={workdir}"], env=env["env"], capture_output=True,
-                            text=True, timeout=600)
-    assert result.returncode == 1
-    assert "does not fit this run's train state" in result.stderr
-    assert "model.text.mlp_dim: 256 -> 128" in result.stderr
-    assert len(result.stderr.splitlines()) < 300, result.stderr[-3000:]
-    after = {p: p.read_bytes() for p in sorted(workdir.rglob("*")) if p.is_file()}
-    assert after == before
-    # Started again past its end (a scheduler's relaunch, a smaller total_steps): a warning,
-    # and nothing written.
-    result = run(env, workdir, "--config.total_steps=30")
+    config = get_config("model=tiny")
+    config.data.data_dir, config.batch_size, config.eval_every = env["data_dir"], 8, -1
+    for key, value in LAYERS.items():
+        part, leaf = key.split(".")
+        config.model[part][leaf] = value
+    wider = config.copy_and_resolve_references()
+    wider.model.text.mlp_dim = 128
+    with pytest.raises(CheckpointMismatchError, match=r"(?s)does not fit this run's train "
+                                                      r"state.*model.text.mlp_dim: 256 -> 128"):
+        loop.train(wider, str(workdir))
+    # Started again past its end (a scheduler's relaunch, a smaller total_steps).
+    config.total_steps = 30
+    with caplog.at_level("WARNING"):
+        assert loop.train(config, str(workdir)) == {}
     assert "the newest checkpoint is at step 40, config.total_steps=30: nothing to train" \
-        in result.stderr
+        in caplog.text
     after = {p: p.read_bytes() for p in sorted(workdir.rglob("*")) if p.is_file()}
     assert after == before

@@ -17,9 +17,6 @@ from ml_collections import config_flags
 from mtower_jax import config_args
 from mtower_jax.models import build_model, random_inputs
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
-                                          lock_config=True)
-_BATCH = flags.DEFINE_integer("batch_size", 4, "Batch size of the random batch.")
 
 
 def _shape(value) -> str:
@@ -61,10 +58,20 @@ def describe(cfg, batch_size: int) -> str:
     return "\n".join(lines)
 
 
-def main(argv):
+def _define_flags() -> dict:
+    """The command line's flags, defined only when this runs as a program (importing
+    `describe` must not claim --config, which other tools define too)."""
+    return {"config": config_flags.DEFINE_config_file("config", None, "Experiment config file.",
+                                                      lock_config=True),
+            "batch_size": flags.DEFINE_integer("batch_size", 4, "Batch size of the random batch.")}
+
+
+def main(argv, cli: dict) -> None:
     del argv
-    print(describe(_CONFIG.value.model, _BATCH.value))
+    print(describe(cli["config"].value.model, cli["batch_size"].value))
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=config_args.parse_flags)  # overrides type-checked first
+    _cli = _define_flags()
+    app.run(lambda argv: main(argv, _cli),
+            flags_parser=config_args.parse_flags)  # overrides type-checked first
