@@ -65,7 +65,7 @@ def _rebuild_tensor(storage: np.ndarray, offset: int, size: tuple, stride: tuple
         if last >= storage.size:
             raise ArchiveError(f"a tensor view reaches element {last} of a storage of "
                                f"{storage.size}")
-    view = np.lib.stride_tricks.as_strided(storage[offset:] if storage.size else storage, size,
+    view = np.lib.stride_tricks.as_strided(storage[offset:], size,
                                            tuple(s * storage.itemsize for s in stride),
                                            writeable=False)
     return np.array(view)
@@ -84,7 +84,7 @@ class _Unpickler(pickle.Unpickler):
         if module == "collections" and name == "OrderedDict":
             return collections.OrderedDict
         if module == "torch.jit._pickle" and name.startswith("build_"):  # build_intlist, ...
-            return lambda values: list(values)
+            return list
         if module.startswith("__torch__"):
             return type(name, (_Scripted,), {})
         raise ArchiveError(f"data.pkl needs {module}.{name}, which a checkpoint is never "

@@ -18,7 +18,6 @@ from mtower_jax import config_args
 from mtower_jax.models import build_model, random_inputs
 
 
-
 def _shape(value) -> str:
     """'(B, L, D)' for an array, 'k x (B, L, D)' for the per-layer tuples (hidden states)."""
     if isinstance(value, (tuple, list)):
