@@ -38,7 +38,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         num_workers=0,  # grain worker processes
         max_skipped_fraction=0.01,  # bad records tolerated before the run fails
         log_example_ids=False,  # DIR/example_ids/process_<i>.jsonl (train/example_log.py)
-        itm_negatives="batch",  # 'batch': permute the encoded images; 'dataset': reference's
+        # ITM's false images: 'batch' another encoded image of the global batch; 'shard' of
+        # the example's device shard (no all-gather of the image stream: pods, SCALING.md);
+        # 'dataset' drawn by the pipeline, the reference's way (one more image encoding).
+        itm_negatives="batch",
     ))
     config.task = "pretrain"
     config.losses = ("mlm", "itm")

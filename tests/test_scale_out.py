@@ -77,6 +77,22 @@ def test_meshes_and_rules_give_the_same_losses(mesh_losses):
     assert mesh_losses["data=8"]["replicated"] == 1.0
 
 
+def test_shard_negatives_follow_the_shards_not_the_mesh(env, mesh_losses):
+    """data.itm_negatives='shard': data=8 and data=2 x fsdp=4 split the batch into the same
+    8 shards, so they draw the same negatives and losses; batch negatives draw others."""
+    result = subprocess.run(
+        [sys.executable, "-m", "mtower_jax.tools.mesh_check", "--steps=3", f"--rtol={RTOL}",
+         "--mesh=data=8:data", "--mesh=data=2,fsdp=4:fsdp", *run_config(env, 3),
+         "--config.data.itm_negatives=shard"],
+        env=cpu_env(env, 8), capture_output=True, text=True, timeout=600)
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert result.returncode == 0 and rows[-1]["ok"] is True, result.stderr[-3000:]
+    shard = rows[0]["losses"]
+    batch = mesh_losses["data=8"]["losses"]
+    assert shard["loss_mlm"][0] == pytest.approx(batch["loss_mlm"][0], rel=RTOL)  # same params
+    assert not np.allclose(shard["loss_itm"], batch["loss_itm"][:3], rtol=RTOL, atol=0)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -36,7 +36,9 @@ if TYPE_CHECKING:
     from mtower_jax.data.tokenizer import Tokenizer
 
 TASKS = ("pretrain", "vqa", "nlvr2", "snli_ve", "retrieval")
-ITM_NEGATIVES = ("batch", "dataset")
+# Where ITM's false images come from: the global batch, the example's device shard of it
+# (train/objectives.py), or the dataset (drawn here).
+ITM_NEGATIVES = ("batch", "shard", "dataset")
 _LEFT_RIGHT = re.compile(r"\b(left|right)\b", re.IGNORECASE)
 
 
@@ -51,7 +53,7 @@ class TaskSpec:
     flip: bool = False  # random horizontal flip in 'finetune' mode (swaps left/right in text)
     mlm_probability: float = 0.15
     mlm_max_predictions: int | None = None  # masking.max_predictions; None: no cap
-    itm_negatives: str = "batch"  # 'batch': the step permutes images; 'dataset': drawn here
+    itm_negatives: str = "batch"  # 'batch' / 'shard': the step picks images; 'dataset': here
     num_answers: int = 0  # VQA vocabulary size
     # ITM negatives drawn from the dataset need another record: (rng) -> image bytes.
     random_image: Callable[[np.random.Generator], bytes] | None = None

@@ -82,6 +82,7 @@ from mtower_jax.data.examples import batch_spec  # noqa: E402
 from mtower_jax.models.partitioning import MESH_AXES, resolve_rules  # noqa: E402
 from mtower_jax.train import flops as flops_lib  # noqa: E402
 from mtower_jax.train import mesh as mesh_lib  # noqa: E402
+from mtower_jax.train import run_checks  # noqa: E402
 from mtower_jax.train.state import create_train_state  # noqa: E402
 from mtower_jax.train.step import jit_train_step  # noqa: E402
 
@@ -194,6 +195,7 @@ def with_slices(config: ml_collections.ConfigDict, num_slices: int) -> ml_collec
 def compile_train_step(config: ml_collections.ConfigDict, devices: list) -> CompiledStep:
     """Lowers and compiles the train step of `config` for `devices` (compile-only ones)."""
     mesh = mesh_lib.make_mesh(config.mesh, devices)
+    run_checks.check_mesh(config, mesh, evaluates=False)  # only the train step compiles
     rules = resolve_rules(config.logical_axis_rules)
     # create_train_state runs a few eager ops (PRNGKey); under the concrete mesh they would
     # be sent to the compile-only devices, so build the abstract state under the abstract mesh.

@@ -141,8 +141,10 @@ def _run_context(config, workdir, splits):
     a bad config or a missing dataset writes nothing, not even DIR."""
     run_checks.check_run(config)
     pipeline.check_splits(config, config.get("task", "pretrain"), splits)
+    mesh = mesh_lib.make_mesh(config.mesh)
+    run_checks.check_mesh(config, mesh)
     os.makedirs(workdir, exist_ok=True)
-    return mesh_lib.make_mesh(config.mesh), resolve_rules(config.logical_axis_rules)
+    return mesh, resolve_rules(config.logical_axis_rules)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:

@@ -86,6 +86,11 @@ def batch_sharding(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
 
 
+def batch_shards(mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh) -> int:
+    """How many ways `batch_sharding` splits the batch: data x fsdp."""
+    return math.prod(mesh.shape.get(axis, 1) for axis in ("data", "fsdp"))
+
+
 def global_batch(local: dict, mesh: jax.sharding.Mesh) -> dict:
     """Host-local numpy batch -> global jax.Arrays sharded along the batch."""
     sharding = batch_sharding(mesh)

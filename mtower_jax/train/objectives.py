@@ -17,6 +17,17 @@ the second pass had drawn the same mask). A negative is another example's alread
 image, so ITM costs no third vision pass. `itm_negatives='dataset'` instead takes false
 images drawn from the whole dataset by the pipeline (the reference's way; one more encode).
 
+Where negatives come from, `config.data.itm_negatives`:
+
+    batch     any other image of the global batch. The batch is split over the devices, and
+              XLA lowers x[:, index] of a sharded x by all-gathering x: every device holds
+              the global batch's encoded images ([N, B, tokens, width]; 23 GiB at base,
+              batch 4096, docs/SCALING.md).
+    shard     another image of the example's own group of B/G examples, G = the batch's
+              device shards (`itm_negative_groups`): the groups are the shards, the gather
+              is one per group (`take_rows`), and each device keeps its own images.
+    dataset   drawn by the pipeline (above).
+
 Losses are returned as (sum, count) pairs so that gradient accumulation can divide by the
 full batch's counts: the accumulated update then equals the full-batch update.
 
@@ -32,41 +43,67 @@ from mtower_jax.data.masking import IGNORE
 LOSSES = ("mlm", "itm", "itc")
 
 
-def select_images(image: dict, index: jax.Array) -> dict:
+def take_rows(x: jax.Array, index: jax.Array, groups: int = 1, axis: int = 0) -> jax.Array:
+    """x reordered along its batch `axis` (length B): row b becomes row index[b].
+
+    groups G > 1: every index[b] lies in b's own group (G contiguous blocks of B/G rows, the
+    device shards of a batch-sharded x), and the gather runs per group, [G, B/G] -> a gather
+    with a batch dimension that XLA keeps on each device (a plain x[index] all-gathers x)."""
+    if groups == 1:
+        return x[(slice(None),) * axis + (index,)]
+    size = x.shape[axis] // groups
+    grouped = x.reshape(x.shape[:axis] + (groups, size) + x.shape[axis + 1:])
+    within = (index % size).reshape(groups, size)
+    out = jax.vmap(lambda rows, i: rows[(slice(None),) * axis + (i,)],
+                   in_axes=(axis, 0), out_axes=axis)(grouped, within)
+    return out.reshape(x.shape)
+
+
+def select_images(image: dict, index: jax.Array, groups: int = 1) -> dict:
     """The encoded (and prepared) images reordered along the batch: example b gets image
-    index[b]. Kept: outputs [k, B, ...] and, once prepared, cross_inputs (k arrays [B, ...])."""
-    out = {"outputs": image["outputs"][:, index], "hidden_states": ()}
+    index[b] (of its own group, `take_rows`). Kept: outputs [k, B, ...] and, once prepared,
+    cross_inputs (k arrays [B, ...])."""
+    out = {"outputs": take_rows(image["outputs"], index, groups, axis=1), "hidden_states": ()}
     if "cross_inputs" in image:
-        out["cross_inputs"] = tuple(x[index] for x in image["cross_inputs"])
+        out["cross_inputs"] = tuple(take_rows(x, index, groups) for x in image["cross_inputs"])
     return out
 
 
-def sample_negatives(rng: jax.Array, same_image: jax.Array, logits: jax.Array | None
-                     ) -> tuple[jax.Array, jax.Array]:
-    """One negative per row: index j != same image, drawn with probability
-    softmax(logits[b])_j (uniform when logits is None), by Gumbel-max.
+def other_groups(batch: int, groups: int) -> jax.Array:
+    """[B, B] bool: True where rows i and j lie in different groups of B/G contiguous rows."""
+    group = jnp.arange(batch) // (batch // groups)
+    return group[:, None] != group[None, :]
+
+
+def sample_negatives(rng: jax.Array, same_image: jax.Array, logits: jax.Array | None,
+                     groups: int = 1) -> tuple[jax.Array, jax.Array]:
+    """One negative per row: index j != same image (and, with G groups, in row b's group),
+    drawn with probability softmax(logits[b])_j over those (uniform when logits is None), by
+    Gumbel-max.
 
     same_image [B, B] bool; logits [B, B] or None. Returns (index [B] int32, has_negative
-    [B] bool: False where every example of the batch shows row b's image)."""
+    [B] bool: False where every candidate shows row b's image)."""
     batch = same_image.shape[0]
+    excluded = same_image if groups == 1 else same_image | other_groups(batch, groups)
     scores = jnp.zeros((batch, batch), jnp.float32) if logits is None else logits
-    scores = jnp.where(same_image, -jnp.inf, scores.astype(jnp.float32))
+    scores = jnp.where(excluded, -jnp.inf, scores.astype(jnp.float32))
     negative = jnp.argmax(scores + jax.random.gumbel(rng, scores.shape), axis=-1)
-    return negative.astype(jnp.int32), ~jnp.all(same_image, axis=-1)
+    return negative.astype(jnp.int32), ~jnp.all(excluded, axis=-1)
 
 
-def itm_negatives(rng: jax.Array, same_image: jax.Array, logits: jax.Array | None
-                  ) -> tuple[jax.Array, jax.Array]:
+def itm_negatives(rng: jax.Array, same_image: jax.Array, logits: jax.Array | None,
+                  groups: int = 1) -> tuple[jax.Array, jax.Array]:
     """Chooses the ITM image of each example.
 
     same_image [B, B] bool: pairs that show the same image (never a negative).
     logits [B, B] or None: sampling scores for negatives (ITC similarity), None = uniform.
+    groups: negatives come from the example's own group of B/G rows (`take_rows`).
     Returns (image_index [B] int32, itm_labels [B] int32 with 1 = matched pair). An example
-    whose batch holds no other image stays matched.
+    whose group holds no other image stays matched.
     """
     flip_rng, pick_rng = jax.random.split(rng)
     batch = same_image.shape[0]
-    negative, has_negative = sample_negatives(pick_rng, same_image, logits)
+    negative, has_negative = sample_negatives(pick_rng, same_image, logits, groups)
     matched = (jax.random.uniform(flip_rng, (batch,)) < 0.5) | ~has_negative
     index = jnp.where(matched, jnp.arange(batch), negative)
     return index.astype(jnp.int32), matched.astype(jnp.int32)
@@ -108,10 +145,11 @@ def itc_similarity(model, text: dict, image: dict, train: bool) -> jax.Array:
     return itc["itc_text_embeds"] @ itc["itc_image_embeds"].T / itc["itc_temperature"]
 
 
-def pretrain_forward(model, batch: dict, *, losses: tuple[str, ...], train: bool
-                     ) -> tuple[dict, dict]:
+def pretrain_forward(model, batch: dict, *, losses: tuple[str, ...], train: bool,
+                     itm_negative_groups: int = 1) -> tuple[dict, dict]:
     """`model.apply(variables, batch, losses=..., train=..., method=pretrain_forward,
     rngs={'dropout': r1, 'negatives': r2})` -> ({name: (loss_sum, count, correct)}, {}).
+    itm_negative_groups G: batch negatives come from the example's group of B/G (above).
 
     batch: pixel_values [B, S, S, 3], input_ids / attention_mask / mlm_input_ids /
     mlm_labels [B, L], record_index [B], mlm_positions [B, k] when masking is capped; with
@@ -148,8 +186,9 @@ def pretrain_forward(model, batch: dict, *, losses: tuple[str, ...], train: bool
             record = batch["record_index"]
             index, itm_labels = itm_negatives(
                 model.make_rng("negatives"), record[:, None] == record[None, :],
-                None if similarity is None else jax.lax.stop_gradient(similarity))
-            itm_image = select_images(image, index)
+                None if similarity is None else jax.lax.stop_gradient(similarity),
+                itm_negative_groups)
+            itm_image = select_images(image, index, itm_negative_groups)
         # Every row of the last layer, though the poolers read only [CLS]: computing that row
         # alone (fuse's positions) moved the losses of a tensor-parallel mesh 1.4e-5 away from
         # one device's (BENCHMARKS.md), more than scale-out's 1e-5 tolerance.

@@ -7,14 +7,16 @@ at the first log line (`log_every=0`), a reshape error inside the traced step
 `validate` raises one ValueError listing every such value with its rule. The model part is
 checked by `models.config.validate`, the task and its losses by `train.tasks.get_task`;
 `check_run` makes all three checks, as a run does before it writes anything (and a sweep for
-each of its runs before it launches one).
+each of its runs before it launches one). `check_mesh` checks what depends on the devices.
 """
 from __future__ import annotations
 
 import ml_collections
 
+from mtower_jax.data.examples import ITM_NEGATIVES
 from mtower_jax.models.config import validate as validate_model
-from mtower_jax.train.tasks import get_task
+from mtower_jax.train.evaluation import eval_batch_size
+from mtower_jax.train.tasks import forward_options, get_task
 
 NONFINITE_POLICIES = ("skip", "stop")  # a step with a non-finite loss: skipped, or the run stops
 
@@ -74,6 +76,34 @@ def validate(config: ml_collections.ConfigDict) -> None:
          "must be >= 0 (batches per periodic evaluation; 0: the whole split)")
     need(config.get("eval_batch_size", 0) >= 0, "eval_batch_size",
          config.get("eval_batch_size", 0), "must be >= 0 (0: config.batch_size)")
+    negatives = config.data.get("itm_negatives", "batch")
+    need(negatives in ITM_NEGATIVES, "data.itm_negatives", negatives,
+         f"must be one of {ITM_NEGATIVES}")
+    need(not (config.get("task") == "retrieval" and negatives == "dataset"),
+         "data.itm_negatives", negatives,
+         "does not apply to retrieval, whose hard negatives come from the batch's ITC "
+         "similarities: use 'batch' or 'shard'")
     if errors:
         raise ValueError("the run config has invalid values; fix them with "
                          "--config.KEY=VALUE:\n  " + "\n  ".join(errors))
+
+
+def check_mesh(config: ml_collections.ConfigDict, mesh, evaluates: bool = True) -> None:
+    """Raises ValueError if the batches cannot be drawn from on `mesh`: with
+    data.itm_negatives='shard', every training micro-batch and (if the run `evaluates`)
+    evaluation batch must split into the mesh's batch shards with two examples or more in
+    each (one has no negative)."""
+    groups = forward_options(config, mesh).get("itm_negative_groups", 1)
+    if groups == 1:
+        return
+    batches = {"batch_size / grad_accum_steps":
+               config.batch_size // config.get("grad_accum_steps", 1)}
+    if evaluates:
+        batches["eval_batch_size"] = eval_batch_size(config)
+    bad = {name: size for name, size in batches.items() if size % groups or size < 2 * groups}
+    if bad:
+        raise ValueError(
+            f"config.data.itm_negatives='shard' draws each ITM negative within the example's "
+            f"own shard of the batch ({groups} shards: mesh data x fsdp), so every batch must "
+            f"split into {groups} groups of 2 examples or more; these do not: {bad}. Use "
+            f"multiples of {groups} that are >= {2 * groups}, or itm_negatives='batch'")

@@ -6,6 +6,9 @@ Gradient accumulation: the global batch is split into `grad_accum_steps` micro-b
 micro-batch's loss is divided by the *full* batch's counts (masked tokens for MLM, examples
 for ITM / ITC), so the summed gradients are the full-batch gradients.
 
+The forward's options (tasks.forward_options: ITM negatives drawn per device shard) are
+read off the mesh in use, `jax.set_mesh(mesh)`, when the step is made.
+
 Non-finite guard: if the loss or any gradient is NaN / Inf, params and optimizer state are
 kept bit-for-bit (a `lax.cond` skips the update), the step counter still advances (the batch
 is consumed) and `metrics['nonfinite'] = 1`; the loop counts it or stops, per
@@ -20,7 +23,7 @@ import optax
 
 from mtower_jax.train.mesh import batch_sharding
 from mtower_jax.train.optimizer import learning_rate_schedule
-from mtower_jax.train.tasks import denominators, get_task
+from mtower_jax.train.tasks import denominators, forward_options, get_task
 
 
 def _micro_batches(batch: dict, k: int) -> dict:
@@ -43,6 +46,7 @@ def _metrics(terms: dict, counts: dict) -> dict:
 def make_train_step(config: ml_collections.ConfigDict, model, tx: optax.GradientTransformation
                     ) -> Callable:
     task, losses, k = get_task(config), tuple(config.losses), int(config.grad_accum_steps)
+    options = forward_options(config, jax.sharding.get_abstract_mesh())
     schedule = learning_rate_schedule(config.optimizer.lr, config.total_steps,
                                       config.optimizer.warmup_fraction)
 
@@ -50,7 +54,7 @@ def make_train_step(config: ml_collections.ConfigDict, model, tx: optax.Gradient
         def loss_fn(p):
             dropout_rng, negatives_rng = jax.random.split(rng)
             terms, _ = model.apply({"params": p}, micro, losses=losses, train=True,
-                                   method=task.forward,
+                                   method=task.forward, **options,
                                    rngs={"dropout": dropout_rng, "negatives": negatives_rng})
             return sum(terms[n][0] / counts[n] for n in losses), terms
         return jax.grad(loss_fn, has_aux=True)(params)
@@ -104,8 +108,9 @@ def make_eval_step(config: ml_collections.ConfigDict, model) -> Callable:
     """(params, batch, rng) -> (summed terms {name: (loss_sum, count, correct)}, per-example
     predictions) on a held-out batch (the rng only draws pretraining's ITM negatives)."""
     task, losses = get_task(config), tuple(config.losses)
+    options = forward_options(config, jax.sharding.get_abstract_mesh())
 
     def eval_step(params, batch: dict, rng: jax.Array) -> tuple[dict, dict]:
         return model.apply({"params": params}, batch, losses=losses, train=False,
-                           method=task.forward, rngs={"negatives": rng})
+                           method=task.forward, **options, rngs={"negatives": rng})
     return eval_step

@@ -11,15 +11,19 @@ A forward is a model method, `model.apply(variables, batch, losses=config.losses
 train=..., method=forward, rngs=...)`, returning (terms, predictions); predictions are
 per-example arrays evaluation keeps (VQA answers for the submission file). `denominators`
 gives each term's full-batch count, which gradient accumulation divides by.
+`forward_options` adds what the forward takes from the run rather than the batch: the
+groups its ITM negatives are drawn within (`config.data.itm_negatives='shard'`).
 """
 from __future__ import annotations
 
 import dataclasses
 from typing import Callable
 
+import jax
 import jax.numpy as jnp
 
 from mtower_jax.data.masking import IGNORE
+from mtower_jax.train.mesh import batch_shards
 from mtower_jax.train.objectives import pretrain_forward
 from mtower_jax.train.tasks.classification import CLASSIFICATION_TASKS, classification_forward
 from mtower_jax.train.tasks.retrieval import retrieval_forward
@@ -31,6 +35,7 @@ class Task:
     forward: Callable
     losses: tuple[str, ...]  # the terms it can compute; config.losses picks among them
     pairs_per_example: dict  # ITM of retrieval scores 3 pairs per example
+    batch_negatives: bool = False  # its ITM negatives are other examples of the batch
 
 
 def denominators(batch: dict, losses: tuple[str, ...], task: Task) -> dict:
@@ -43,8 +48,8 @@ def denominators(batch: dict, losses: tuple[str, ...], task: Task) -> dict:
 
 
 TASKS = {
-    "pretrain": Task("pretrain", pretrain_forward, ("mlm", "itm", "itc"), {}),
-    "retrieval": Task("retrieval", retrieval_forward, ("itc", "itm"), {"itm": 3}),
+    "pretrain": Task("pretrain", pretrain_forward, ("mlm", "itm", "itc"), {}, True),
+    "retrieval": Task("retrieval", retrieval_forward, ("itc", "itm"), {"itm": 3}, True),
     **{name: Task(name, classification_forward, (name,), {}) for name in CLASSIFICATION_TASKS},
 }
 
@@ -67,3 +72,13 @@ def get_task(config) -> Task:
                          f"but config.model.heads={tuple(config.model.heads)}; add them: "
                          f'--config.model.heads="{heads!r}"')
     return task
+
+
+def forward_options(config, mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh) -> dict:
+    """Keyword arguments of config.task's forward besides (batch, losses, train): with
+    config.data.itm_negatives='shard', `itm_negative_groups` = the batch's shards on `mesh`
+    (mesh.batch_shards), so that each example's negative comes from its own device's rows
+    (run_checks.check_mesh checks that every shard holds two examples or more)."""
+    if not get_task(config).batch_negatives or config.data.get("itm_negatives") != "shard":
+        return {}
+    return {"itm_negative_groups": 1 if mesh.empty else batch_shards(mesh)}
