@@ -21,8 +21,8 @@ Where negatives come from, `config.data.itm_negatives`:
 
     batch     any other image of the global batch. The batch is split over the devices, and
               XLA lowers x[:, index] of a sharded x by all-gathering x: every device holds
-              the global batch's encoded images ([N, B, tokens, width]; 23 GiB at base,
-              batch 4096, docs/SCALING.md).
+              the global batch's encoded images [N, B, tokens, width] (base at batch 4096
+              on a v5e-256: 12 of the step's 29.5 GiB of temporaries, docs/SCALING.md).
     shard     another image of the example's own group of B/G examples, G = the batch's
               device shards (`itm_negative_groups`): the groups are the shards, the gather
               is one per group (`take_rows`), and each device keeps its own images.
