@@ -107,3 +107,4 @@ def test_a_program_over_the_hbm_exits_2_with_what_to_change(tmp_path):
     assert run.returncode == 2, run.stderr[-3000:]
     assert "RESOURCE_EXHAUSTED" in run.stderr and "exceeds available HBM" in run.stderr
     assert "--config.model.remat=True" in run.stderr and "Traceback" not in run.stderr
+    assert "--config.data.itm_negatives=shard" in run.stderr  # batch negatives, 4 shards

@@ -262,8 +262,8 @@ def report(config: ml_collections.ConfigDict, topology: str, num_slices: int,
         device_kind=device.device_kind, devices=num_devices, mesh=dict(result.mesh.shape),
         rules=rules if isinstance(rules, str) else [list(pair) for pair in rules],
         task=config.get("task", "pretrain"), batch_size=config.batch_size,
-        per_device_batch=config.batch_size // math.prod(
-            result.mesh.shape[a] for a in ("data", "fsdp")),
+        per_device_batch=config.batch_size // mesh_lib.batch_shards(result.mesh),
+        itm_negatives=config.data.get("itm_negatives", "batch"),
         grad_accum_steps=config.grad_accum_steps, dtype=config.model.dtype,
         param_dtype=config.model.param_dtype, remat=config.model.remat,
         scan_layers=bool(config.model.get("scan_layers", False)),
@@ -298,7 +298,8 @@ def format_report(r: dict) -> str:
         f"{r['topology']} ({r['topology_name']} x {r['num_slices']} slice(s)): "
         f"{r['devices']} x {r['device_kind']}; mesh {r['mesh']}, rules {r['rules']}",
         f"task {r['task']}: batch {r['batch_size']} ({r['per_device_batch']} per device, "
-        f"grad_accum_steps {r['grad_accum_steps']}), dtype {r['dtype']} (params "
+        f"grad_accum_steps {r['grad_accum_steps']}, ITM negatives "
+        f"{r.get('itm_negatives', 'batch')}), dtype {r['dtype']} (params "
         f"{r['param_dtype']}), remat {r['remat']}, scan_layers {r.get('scan_layers', False)}; "
         f"compiled in {r['compile_seconds']} s",
         "per device:",
@@ -326,6 +327,12 @@ def out_of_memory_message(config: ml_collections.ConfigDict, topology: str, num_
     inner, dcn = mesh_lib.mesh_shape(config.mesh, len(devices))
     mesh = dict(zip(MESH_AXES, inner))
     hints = []
+    shards = math.prod(size * dcn_size for axis, size, dcn_size in zip(MESH_AXES, inner, dcn)
+                       if axis in ("data", "fsdp"))
+    if (config.data.get("itm_negatives", "batch") == "batch" and shards > 1
+            and config.get("task", "pretrain") in ("pretrain", "retrieval")):
+        hints.append("draw ITM negatives within each device's shard of the batch, not from "
+                     "the all-gathered global batch: --config.data.itm_negatives=shard")
     if mesh["fsdp"] == 1 or config.logical_axis_rules == "data":
         hints.append("shard the parameters and optimizer state: --config.mesh.fsdp=N "
                      "--config.logical_axis_rules=fsdp")
@@ -343,7 +350,8 @@ def out_of_memory_message(config: ml_collections.ConfigDict, topology: str, num_
         f"({len(devices)} x {devices[0].device_kind}, {_gib(hbm_bytes(devices[0]))} HBM each)",
         f"  mesh {mesh} dcn {dcn}, rules "
         f"{config.logical_axis_rules}, batch {config.batch_size} (grad_accum_steps "
-        f"{config.grad_accum_steps}), dtype {config.model.dtype}, remat {config.model.remat}, "
+        f"{config.grad_accum_steps}, ITM negatives {config.data.get('itm_negatives', 'batch')}), "
+        f"dtype {config.model.dtype}, remat {config.model.remat}, "
         f"scan_layers {config.model.get('scan_layers', False)}",
         f"  compiler: {numbers}",
         "  try: " + "\n       ".join(hints),
