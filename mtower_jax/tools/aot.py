@@ -262,7 +262,7 @@ def report(config: ml_collections.ConfigDict, topology: str, num_slices: int,
         device_kind=device.device_kind, devices=num_devices, mesh=dict(result.mesh.shape),
         rules=rules if isinstance(rules, str) else [list(pair) for pair in rules],
         task=config.get("task", "pretrain"), batch_size=config.batch_size,
-        per_device_batch=config.batch_size // mesh_lib.batch_shards(result.mesh),
+        per_device_batch=config.batch_size // mesh_lib.batch_shards(result.mesh.shape),
         itm_negatives=config.data.get("itm_negatives", "batch"),
         grad_accum_steps=config.grad_accum_steps, dtype=config.model.dtype,
         param_dtype=config.model.param_dtype, remat=config.model.remat,
@@ -327,8 +327,7 @@ def out_of_memory_message(config: ml_collections.ConfigDict, topology: str, num_
     inner, dcn = mesh_lib.mesh_shape(config.mesh, len(devices))
     mesh = dict(zip(MESH_AXES, inner))
     hints = []
-    shards = math.prod(size * dcn_size for axis, size, dcn_size in zip(MESH_AXES, inner, dcn)
-                       if axis in ("data", "fsdp"))
+    shards = mesh_lib.batch_shards({a: n * d for a, n, d in zip(MESH_AXES, inner, dcn)})
     if (config.data.get("itm_negatives", "batch") == "batch" and shards > 1
             and config.get("task", "pretrain") in ("pretrain", "retrieval")):
         hints.append("draw ITM negatives within each device's shard of the batch, not from "

@@ -15,6 +15,7 @@ constraints (`with_logical_constraint`) do not apply.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import jax
 import ml_collections
@@ -86,9 +87,10 @@ def batch_sharding(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
 
 
-def batch_shards(mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh) -> int:
-    """How many ways `batch_sharding` splits the batch: data x fsdp."""
-    return math.prod(mesh.shape.get(axis, 1) for axis in ("data", "fsdp"))
+def batch_shards(sizes: Mapping[str, int]) -> int:
+    """How many ways `batch_sharding` splits the batch on a mesh of these axis sizes
+    (`mesh.shape`): data x fsdp."""
+    return math.prod(sizes.get(axis, 1) for axis in ("data", "fsdp"))
 
 
 def global_batch(local: dict, mesh: jax.sharding.Mesh) -> dict:

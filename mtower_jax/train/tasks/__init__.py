@@ -81,4 +81,4 @@ def forward_options(config, mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh)
     (run_checks.check_mesh checks that every shard holds two examples or more)."""
     if not get_task(config).batch_negatives or config.data.get("itm_negatives") != "shard":
         return {}
-    return {"itm_negative_groups": 1 if mesh.empty else batch_shards(mesh)}
+    return {"itm_negative_groups": 1 if mesh.empty else batch_shards(mesh.shape)}
