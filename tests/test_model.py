@@ -304,7 +304,7 @@ def test_sampled_normals_match_the_standard_normal():
 def test_layer_norm_gradient_matches_autodiff(affine, dtype):
     from mtower_jax.models.layers import LayerNorm, standardise
     keys = jax.random.split(jax.random.PRNGKey(0), 4)
-    shape = (5, 7, 16)
+    shape = (3, 5, 7, 16)  # stacked layers [N, B, T, D], as ln_post sees them
     x = (3 * jax.random.normal(keys[0], shape) + 1).astype(dtype)
     variables = {"params": {"scale": 1 + 0.3 * jax.random.normal(keys[1], (16,)),
                             "bias": 0.3 * jax.random.normal(keys[2], (16,))}}

@@ -4,7 +4,10 @@ sizes resolve (or fail) clearly; under the fsdp rules the encoders' activations 
 along the batch."""
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -179,3 +182,27 @@ def test_encoders_keep_the_batch_split_under_fsdp():
                 if str(batch) in m.group(1).split(",")]
     assert "all-gather" in hlo  # the fsdp weights are gathered; the activations are not
     assert not gathered, gathered
+
+
+def test_layer_norm_gradient_keeps_a_split_batch_split():
+    """layer_norm's written-out backward on [N, B, T, D] with B split over 4 CPU devices
+    compiles with no all-gather. Its scale and bias gradients once summed over rows made by a
+    reshape, and XLA cannot keep N x B split when N is not: it gathered the whole batch (on
+    CPU and GPU; ln_post on the stacked image layers)."""
+    script = """
+import re
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from mtower_jax.models.layers import layer_norm
+mesh = jax.sharding.Mesh(np.array(jax.devices()), ("batch",))
+x = jax.ShapeDtypeStruct((3, 24, 17, 64), jnp.float32, sharding=NamedSharding(mesh, P(None, "batch")))
+w = jax.ShapeDtypeStruct((64,), jnp.float32, sharding=NamedSharding(mesh, P()))
+loss = lambda x, s, b: jnp.sum(layer_norm(x, s, b, 1e-5) ** 2)
+hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(x, w, w).compile().as_text()
+print(len(jax.devices()), len(re.findall(r"all-gather\\(", hlo)))
+"""
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                         text=True, check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert out.stdout.split() == ["4", "0"], out.stdout + out.stderr

@@ -148,9 +148,11 @@ def _layer_norm_backward(epsilon, residuals, g):
     del epsilon
     x_hat, rstd, scale, like_x = residuals
     g = g.astype(jnp.float32)
-    rows, rows_hat = g.reshape(-1, g.shape[-1]), x_hat.reshape(-1, g.shape[-1])
-    d_scale = jnp.einsum("md,md->d", rows, rows_hat)  # a dot: XLA:CPU's fast reduction
-    d_bias = jnp.sum(rows, axis=0)
+    # A dot over every leading dim (XLA:CPU's fast reduction), not over rows made by a
+    # reshape: merging an unsplit leading dim with a batch dim split across devices (ln_post
+    # on the stacked layers [N, B, T, D]) cannot stay split, and XLA gathered the whole batch.
+    d_scale = jnp.einsum("...d,...d->d", g, x_hat)
+    d_bias = jnp.sum(g, axis=tuple(range(g.ndim - 1)))
     d_x = _normalise_backward(x_hat, rstd, g * scale)
     return d_x.astype(like_x.dtype), d_scale, d_bias
 
