@@ -187,8 +187,8 @@ def test_encoders_keep_the_batch_split_under_fsdp():
 def test_layer_norm_gradient_keeps_a_split_batch_split():
     """layer_norm's written-out backward on [N, B, T, D] with B split over 4 CPU devices
     compiles with no all-gather. Its scale and bias gradients once summed over rows made by a
-    reshape, and XLA cannot keep N x B split when N is not: it gathered the whole batch (on
-    CPU and GPU; ln_post on the stacked image layers)."""
+    reshape, and XLA cannot keep N x B split when N is not: it gathered the whole batch (seen
+    on CPU devices, for ln_post on the stacked image layers; the TPU compiler kept it split)."""
     script = """
 import re
 import jax, jax.numpy as jnp, numpy as np
