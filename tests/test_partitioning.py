@@ -40,6 +40,14 @@ def boxed_params(cfg):
                           jax.random.PRNGKey(0))["params"]
 
 
+def abstract_params(cfg, mesh, rules) -> dict:
+    """The params as ShapeDtypeStructs sharded on `mesh` by their logical names and `rules`."""
+    boxed = boxed_params(cfg)
+    shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        nn.unbox(boxed), shardings)
+
+
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_every_parameter_has_logical_names(name):
     leaves = jax.tree_util.tree_leaves_with_path(
@@ -133,14 +141,9 @@ def test_mesh_shapes_with_dcn_and_clear_errors():
 
 def test_dims_that_do_not_divide_are_listed():
     """tensor=4 cannot split the tiny model's 2 heads: every such parameter is named."""
-    cfg = CONFIGS["manager-AAUE"]
-    specs = nn.get_partition_spec(boxed_params(cfg))
     mesh = jax.sharding.AbstractMesh((1, 1, 4), ("data", "fsdp", "tensor"),
                                      axis_types=(jax.sharding.AxisType.Auto,) * 3)
-    shapes = nn.unbox(boxed_params(cfg))
-    abstract = jax.tree.map(
-        lambda s, spec: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=jax.sharding.NamedSharding(
-            mesh, nn.logical_to_mesh_axes(spec, resolve_rules("tensor")))), shapes, specs)
+    abstract = abstract_params(CONFIGS["manager-AAUE"], mesh, resolve_rules("tensor"))
     with pytest.raises(ValueError, match="do not split evenly") as e:
         mesh_lib.check_divisible(abstract)
     assert "['attention']['query']['kernel']" in str(e.value)
@@ -159,10 +162,7 @@ def test_encoders_keep_the_batch_split_under_fsdp():
     model = build_model(cfg)
     devices = np.array(aot.compile_devices("v5e:2x2")).reshape(2, 2, 1)
     mesh = jax.sharding.Mesh(devices, ("data", "fsdp", "tensor"))
-    boxed = boxed_params(cfg)
-    shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
-    params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          nn.unbox(boxed), shardings)
+    params = abstract_params(cfg, mesh, rules)
     split = NamedSharding(mesh, P(("data", "fsdp")))
     text_len, size = cfg.text.max_position_embeddings - 2, cfg.vision.image_size
     ids = jax.ShapeDtypeStruct((batch, text_len), jnp.int32, sharding=split)
