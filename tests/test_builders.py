@@ -489,6 +489,18 @@ def test_registry_names_are_the_builders_tfds_names():
             assert builder_class(name).name == name
 
 
+def test_opening_an_unbuilt_builder_leaves_no_temporary_directory(tmp_path, monkeypatch):
+    # tfds' DatasetInfo.initialize_from_bucket mkdtemp's a directory per unbuilt builder
+    # and never removes it: thousands piled up in /tmp before records.dataset_info.
+    import tempfile
+    from mtower_jax.data.builders.synthetic_shapes import SyntheticShapes
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    os.makedirs(tempfile.tempdir)
+    get_builder("coco_captions", raw_dir="", data_dir=str(tmp_path / "data"))
+    SyntheticShapes(config="vqa_32px_s0", data_dir=str(tmp_path / "data"))
+    assert os.listdir(tempfile.tempdir) == []
+
+
 def test_the_cli_refuses_builders_that_take_no_raw_files(tmp_path):
     with pytest.raises(DataError, match="synthetic_shapes is not built from raw files"):
         build_dataset("synthetic_shapes", str(tmp_path), str(tmp_path))

@@ -33,8 +33,7 @@ class RawFilesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         super().__init__(data_dir=data_dir, file_format="array_record", **kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(builder=self, description=self.__doc__,
-                                     features=records.SCHEMAS[self.SCHEMA]())
+        return records.dataset_info(self, self.SCHEMA)
 
     def _split_generators(self, dl_manager):
         del dl_manager  # nothing is downloaded

@@ -121,8 +121,7 @@ class SyntheticShapes(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         return parse_config(name)  # configs are made from their names, not listed
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(builder=self, description=self.__doc__,
-                                     features=records.SCHEMAS[TASKS[self.task].schema]())
+        return records.dataset_info(self, TASKS[self.task].schema)
 
     @property
     def task(self) -> str:
