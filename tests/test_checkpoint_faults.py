@@ -392,6 +392,44 @@ def test_init_from_a_corrupt_or_truncated_training_checkpoint_is_an_error(tmp_pa
         read_params(str(tmp_path))
 
 
+def test_init_from_refuses_a_source_made_with_other_layer_norm_eps_or_activation(tmp_path):
+    """Same shapes, other numerics: HF BridgeTower's cross-modal eps (1e-5) under our
+    preset's 1e-12 would load silently. Only the parts the source gives are compared."""
+    import json
+
+    from mtower_jax.convert.__main__ import save
+    from mtower_jax.models import model_config
+
+    params = {"backbone": {"text_cross_layers_0": {"mlp_norm": {"scale": np.ones(4)}},
+                           "text_encoder": {"embeddings_norm": {"scale": np.ones(4)}}}}
+    fresh = jax.tree.map(np.zeros_like, params)
+    run_cfg = model_config("tiny")
+    made_with = model_config("tiny")
+    made_with.cross.layer_norm_eps = 1e-5
+    made_with.vision.activation = "gelu"  # no vision parameters in the source: not compared
+    save(str(tmp_path / "converted"), made_with, {"params": params})
+    with pytest.raises(InitFromError) as info:
+        load_init_params(str(tmp_path / "converted"), fresh, run_cfg)
+    message = str(info.value)
+    assert (f"model.cross.layer_norm_eps: 1e-05 in {tmp_path}/converted/model_config.json, "
+            "1e-12 in this run (--config.model.cross.layer_norm_eps=1e-05)") in message
+    assert "vision" not in message and message.count("\n  model.") == 1
+    run_cfg.cross.layer_norm_eps = 1e-5  # the override it names
+    assert_same(load_init_params(str(tmp_path / "converted"), fresh, run_cfg), params)
+
+    # A training run records its model in config.json.
+    state = {"step": jnp.int32(1), "params": params, "opt_state": {}, "rng": jax.random.key_data(
+        jax.random.PRNGKey(0))}
+    checkpoints = Checkpoints(str(tmp_path / "run"), keep=1)
+    checkpoints.save(1, state, None, force=True)
+    checkpoints.close()
+    made_with.text.pad_token_id = 0
+    (tmp_path / "run" / "config.json").write_text(json.dumps({"model": made_with.to_dict()}))
+    with pytest.raises(InitFromError, match=r"model.text.pad_token_id: 0 in .*run/config.json, 1 "
+                                            r"in this run \(--config.model.text.pad_token_id=0\)"):
+        load_init_params(str(tmp_path / "run"), fresh, run_cfg)
+
+
 def test_host_and_device_fingerprints_agree_and_see_a_one_bit_change():
     """The CPU reads arrays with NumPy, accelerators with a jitted reduction: one value."""
     from mtower_jax.train.checkpoints import fingerprints

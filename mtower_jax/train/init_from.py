@@ -14,6 +14,13 @@ missing and unexpected ones too; so is a source that shares no parameter with th
 A training checkpoint's params are checked against the fingerprints saved with them
 (train/checkpoints.py): a corrupt file is an error, not a silent mix.
 
+Some model fields change what loaded parameters compute without changing a shape (an
+encoder's LayerNorm eps or activation; HF BridgeTower's cross-modal eps is 1e-5, our
+presets' 1e-12). Where a source records its model config (a conversion's
+DIR/model_config.json, a run's DIR/config.json), those fields of every part whose
+parameters it gives must equal the run's (SHAPELESS_FIELDS), else InitFromError names each
+with the override that matches the source.
+
 The encoder layers of a source in the other layout (`layer_{i}/...` vs model.scan_layers'
 stacked `layers/...`, models/layer_stack.py) are converted to the model's first. Two shapes
 legitimately change from pretraining to fine-tuning and are adapted too:
@@ -39,6 +46,21 @@ TOKEN_TYPES = "backbone/token_type_embeddings/embedding"
 
 class InitFromError(ValueError):
     """The init_from source cannot initialise this model (all problems listed)."""
+
+
+# model.<part>.<field>s that change what the part's parameters compute but no shape, and
+# the parameter paths of the part: a source whose parameters were made with other values
+# would load without a complaint and compute something else.
+SHAPELESS_FIELDS = {
+    "text": (("backbone/text_encoder/",), ("activation", "layer_norm_eps", "pad_token_id")),
+    "vision": (("backbone/vision_encoder/",), ("activation", "layer_norm_eps")),
+    "cross": (("backbone/text_cross_layers_", "backbone/image_cross_layers_"),
+              ("activation", "layer_norm_eps")),
+    "manager": (("backbone/text_inputs/managers_", "backbone/image_inputs/managers_"),
+                ("layer_norm_eps",)),
+    "bridge": (("backbone/text_inputs/bridges_", "backbone/image_inputs/bridges_"),
+               ("type", "layer_norm_eps")),
+}
 
 
 def read_params(directory: str) -> dict:
@@ -140,15 +162,65 @@ def merge_params(fresh: dict, source: dict, what: str) -> tuple[dict, dict]:
     return traverse_util.unflatten_dict(merged, sep="/"), report
 
 
-def read_sources(init_from: str) -> dict:
+def recorded_model_config(directory: str) -> tuple[str, dict] | None:
+    """(file, model config) a source was made with: a conversion's model_config.json, or
+    the model of a training run's config.json; None where it records neither."""
+    directory = os.path.abspath(os.path.expanduser(directory))
+    for name, key in (("model_config.json", None), ("config.json", "model")):
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            try:
+                with open(path) as f:
+                    recorded = json.load(f)
+            except ValueError as e:
+                raise InitFromError(f"config.init_from: {path} is not valid JSON: {e}") from e
+            recorded = recorded.get(key) if key else recorded
+            if isinstance(recorded, dict):
+                return path, recorded
+    return None
+
+
+def config_mismatches(directory: str, source_keys, model_cfg) -> list[str]:
+    """The SHAPELESS_FIELDS of the parts whose parameters `source_keys` ('/'-joined paths)
+    hold, where the config `directory` records differs from `model_cfg` (= config.model);
+    one line each, with the override that matches the source."""
+    recorded = recorded_model_config(directory)
+    if recorded is None:
+        return []
+    path, source_cfg = recorded
+    lines = []
+    for part, (prefixes, fields) in SHAPELESS_FIELDS.items():
+        if part not in model_cfg or not any(k.startswith(prefixes) for k in source_keys):
+            continue
+        for field in fields:
+            theirs = source_cfg.get(part, {}).get(field)
+            ours = model_cfg[part].get(field)
+            if theirs is not None and theirs != ours:
+                lines.append(f"  model.{part}.{field}: {theirs!r} in {path}, {ours!r} in this run"
+                             f" (--config.model.{part}.{field}={theirs})")
+    return lines
+
+
+def read_sources(init_from: str, model_cfg=None) -> dict:
     """The params of config.init_from: one directory, or several joined by commas, whose
-    params are united (InitFromError if two hold the same parameter)."""
+    params are united (InitFromError if two hold the same parameter). With `model_cfg`
+    (config.model), a source's recorded config must agree on SHAPELESS_FIELDS."""
     directories = [d.strip() for d in init_from.split(",") if d.strip()]
-    if len(directories) == 1:
-        return read_params(directories[0])
+    sources = [(d, read_params(d)) for d in directories]  # a directory named twice stays twice
+    if model_cfg is not None:
+        lines = [line for d, params in sources for line in config_mismatches(
+            d, traverse_util.flatten_dict(params, sep="/"), model_cfg)]
+        if lines:
+            raise InitFromError(
+                f"config.init_from={init_from!r}: the source was made with a model config that "
+                "computes differently with the same parameters:\n" + "\n".join(lines)
+                + "\nRun with the source's values (the overrides above), or init from a "
+                "source made with this run's.")
+    if len(sources) == 1:
+        return sources[0][1]
     united, owner = {}, {}
-    for directory in directories:
-        for key, value in traverse_util.flatten_dict(read_params(directory), sep="/").items():
+    for directory, params in sources:
+        for key, value in traverse_util.flatten_dict(params, sep="/").items():
             if key in owner:
                 raise InitFromError(f"config.init_from: {key} is in both {owner[key]} and "
                                     f"{directory}; give each parameter one source")
@@ -156,10 +228,11 @@ def read_sources(init_from: str) -> dict:
     return traverse_util.unflatten_dict(united, sep="/")
 
 
-def load_init_params(directory: str, fresh_params: dict) -> dict:
+def load_init_params(directory: str, fresh_params: dict, model_cfg=None) -> dict:
     """`fresh_params` (host numpy tree) overwritten from `directory` (config.init_from: one
-    or several, see read_sources); the report is logged."""
-    params, report = merge_params(fresh_params, read_sources(directory), directory)
+    or several, see read_sources; checked against `model_cfg`, config.model, if given);
+    the report is logged."""
+    params, report = merge_params(fresh_params, read_sources(directory, model_cfg), directory)
     logging.info("init_from %s: loaded %d parameters", directory, len(report["loaded"]))
     for note in report["adapted"]:
         logging.info("init_from %s: %s", directory, note)

@@ -94,7 +94,7 @@ def _initial_state(config: ml_collections.ConfigDict, checkpoints: Checkpoints,
     iterator = make_iterator(None)[0] if make_iterator else None
     if config.init_from:
         fresh = jax.device_get(init()["params"])
-        return init(load_init_params(config.init_from, fresh)), iterator
+        return init(load_init_params(config.init_from, fresh, config.model)), iterator
     return init(), iterator
 
 
