@@ -350,6 +350,40 @@ def test_a_checkpoint_of_a_deeper_tiny_model_names_its_extra_layers(tmp_path):
     assert "0 missing" in message and "model.text.num_layers: 2 -> 1" in message
 
 
+def test_a_resume_under_another_layer_norm_eps_is_refused_and_dropout_may_change(tmp_path):
+    """The arrays fit either way; an eps changes what they compute, a dropout rate does not."""
+    from mtower_jax.models import model_config
+
+    state = train_state(3, n=10)
+    written = {"model": model_config("tiny").to_dict()}
+    checkpoints = Checkpoints(str(tmp_path), keep=1, config=written)
+    checkpoints.save(3, state, None, force=True)
+    checkpoints.close()
+
+    def restore(**changes):
+        config = {"model": model_config("tiny").to_dict()}
+        for key, value in changes.items():
+            part, field = key.split("__")
+            config["model"][part][field] = value
+        checkpoints = Checkpoints(str(tmp_path), keep=1, config=config)
+        try:
+            return checkpoints.restore_newest(abstract(state))
+        finally:
+            checkpoints.close()
+
+    with pytest.raises(CheckpointMismatchError) as info:
+        restore(cross__layer_norm_eps=1e-5, vision__activation="gelu")
+    message = str(info.value)
+    assert "model.cross.layer_norm_eps: 1e-12 -> 1e-05" in message
+    assert "model.vision.activation: 'quick_gelu' -> 'gelu'" in message
+    assert ("--config.model.vision.activation=quick_gelu "
+            "--config.model.cross.layer_norm_eps=1e-12") in message
+    assert os.listdir(tmp_path / "checkpoints") == ["3"]  # nothing moved
+    step, restored, _ = restore(text__dropout=0.0)
+    assert step == 3
+    assert_same(restored, state)
+
+
 def test_init_from_lists_every_mismatched_missing_and_unexpected_parameter(caplog):
     fresh = {"enc": {"kernel": np.zeros((2, 3)), "bias": np.zeros(3)}, "head": np.zeros(4),
              "new_head": np.zeros(5)}

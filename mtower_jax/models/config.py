@@ -51,6 +51,37 @@ _PRESETS = {
 }
 
 
+# model.<part>.<field>s that change what the part's parameters compute but no shape, with
+# the parameter paths of the part: parameters made under other values load without a
+# complaint and compute something else (init_from and resumes compare them).
+SHAPELESS_FIELDS = {
+    "text": (("backbone/text_encoder/",), ("activation", "layer_norm_eps", "pad_token_id")),
+    "vision": (("backbone/vision_encoder/",), ("activation", "layer_norm_eps")),
+    "cross": (("backbone/text_cross_layers_", "backbone/image_cross_layers_"),
+              ("activation", "layer_norm_eps")),
+    "manager": (("backbone/text_inputs/managers_", "backbone/image_inputs/managers_"),
+                ("layer_norm_eps",)),
+    "bridge": (("backbone/text_inputs/bridges_", "backbone/image_inputs/bridges_"),
+               ("type", "layer_norm_eps")),
+}
+
+
+def shapeless_differences(recorded, cfg, param_paths=None) -> list[tuple[str, object, object]]:
+    """[("model.<part>.<field>", recorded value, cfg value)] of the SHAPELESS_FIELDS where a
+    recorded model config (dict) differs from `cfg` (config.model), for the parts whose
+    parameters `param_paths` ('/'-joined) hold; every part if None."""
+    out = []
+    for part, (prefixes, fields) in SHAPELESS_FIELDS.items():
+        if part not in cfg or part not in recorded or param_paths is not None and not any(
+                path.startswith(prefixes) for path in param_paths):
+            continue
+        for field in fields:
+            theirs, ours = recorded[part].get(field), cfg[part].get(field)
+            if theirs is not None and theirs != ours:
+                out.append((f"model.{part}.{field}", theirs, ours))
+    return out
+
+
 def _encoder(hidden: int, layers: int, heads: int, mlp: int, **extra) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(hidden_size=hidden, num_layers=layers, num_heads=heads,
                                           mlp_dim=mlp, **extra))

@@ -19,7 +19,9 @@ must equal the saved one, so a truncated, corrupt or missing file cannot pass si
 When a restore fails or reads back other bits, the checkpoint's tree, shapes and dtypes
 are compared with this run's: a checkpoint of another model or optimizer config is a
 CheckpointMismatchError listing every difference (never a partial or cast restore);
-otherwise the checkpoint is damaged.
+otherwise the checkpoint is damaged. A checkpoint whose arrays fit but whose saved config
+differs in a model field that changes numerics and no shape (an eps, an activation:
+models/config.py SHAPELESS_FIELDS) is a CheckpointMismatchError too.
 `restore_newest` then falls back to the previous checkpoint with a loud warning and moves
 the damaged one to DIR/damaged_checkpoints/ (kept for inspection, out of Orbax's way);
 when no checkpoint reads back intact it raises and moves nothing.
@@ -36,6 +38,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+
+from mtower_jax.models.config import shapeless_differences
 
 _TMP_MARKER = ".orbax-checkpoint-tmp"
 DAMAGED_DIR = "damaged_checkpoints"
@@ -347,6 +351,7 @@ class Checkpoints:
         unexpected = sorted(set(have) - set(want))
         differ = sorted(k for k in set(want) & set(have) if want[k] != have[k])
         if not (missing or unexpected or differ):
+            self._check_shapeless_fields(step)
             return
         lines = [f"checkpoint {self.step_dir(step)} does not fit this run's train state "
                  "(it was written with a different model or optimizer config): "
@@ -363,13 +368,34 @@ class Checkpoints:
                      "resume that run, pass the config it was written with.")
         raise CheckpointMismatchError("\n".join(lines))
 
-    def _config_differences(self, step: int) -> list[str]:
-        path = os.path.join(self.step_dir(step), "manifest", "metadata")
+    def _saved_config(self, step: int) -> dict | None:
+        """The run config saved in checkpoint `step`'s manifest, if it can be read."""
         try:
-            with open(path) as f:
-                saved = json.load(f).get("config")
+            with open(os.path.join(self.step_dir(step), "manifest", "metadata")) as f:
+                return json.load(f).get("config") or None
         except (OSError, ValueError):
-            return []
+            return None
+
+    def _check_shapeless_fields(self, step: int) -> None:
+        """CheckpointMismatchError if checkpoint `step` was written under model fields that
+        change what its parameters compute but no shape (models/config.py SHAPELESS_FIELDS:
+        an eps, an activation): the arrays fit, and would resume or evaluate differently."""
+        saved = self._saved_config(step)
+        if not saved or not self._config or "model" not in saved or "model" not in self._config:
+            return
+        differences = shapeless_differences(saved["model"], self._config["model"])
+        if differences:
+            raise CheckpointMismatchError("\n".join(
+                [f"checkpoint {self.step_dir(step)} was written with a model config that "
+                 "computes differently with the same parameters (checkpoint -> this run):"]
+                + [f"  {key}: {theirs!r} -> {ours!r}" for key, theirs, ours in differences]
+                + ["Nothing was restored. To resume or evaluate that run, pass the config it "
+                   "was written with (" + " ".join(f"--config.{key}={theirs}" for key, theirs, _
+                                                   in differences)
+                   + "); to train this config, use another --workdir."]))
+
+    def _config_differences(self, step: int) -> list[str]:
+        saved = self._saved_config(step)
         if not saved or not self._config:
             return []
         old, new = _flat_config(saved), _flat_config(self._config)

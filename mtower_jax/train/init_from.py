@@ -18,8 +18,8 @@ Some model fields change what loaded parameters compute without changing a shape
 encoder's LayerNorm eps or activation; HF BridgeTower's cross-modal eps is 1e-5, our
 presets' 1e-12). Where a source records its model config (a conversion's
 DIR/model_config.json, a run's DIR/config.json), those fields of every part whose
-parameters it gives must equal the run's (SHAPELESS_FIELDS), else InitFromError names each
-with the override that matches the source.
+parameters it gives must equal the run's (models/config.py SHAPELESS_FIELDS), else
+InitFromError names each with the override that matches the source.
 
 The encoder layers of a source in the other layout (`layer_{i}/...` vs model.scan_layers'
 stacked `layers/...`, models/layer_stack.py) are converted to the model's first. Two shapes
@@ -37,6 +37,7 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 
 from mtower_jax.convert.position_embeddings import resize
+from mtower_jax.models.config import shapeless_differences
 from mtower_jax.models.layer_stack import match_layout
 from mtower_jax.train.checkpoints import FINGERPRINT, fingerprints, latest_complete_step
 
@@ -46,21 +47,6 @@ TOKEN_TYPES = "backbone/token_type_embeddings/embedding"
 
 class InitFromError(ValueError):
     """The init_from source cannot initialise this model (all problems listed)."""
-
-
-# model.<part>.<field>s that change what the part's parameters compute but no shape, and
-# the parameter paths of the part: a source whose parameters were made with other values
-# would load without a complaint and compute something else.
-SHAPELESS_FIELDS = {
-    "text": (("backbone/text_encoder/",), ("activation", "layer_norm_eps", "pad_token_id")),
-    "vision": (("backbone/vision_encoder/",), ("activation", "layer_norm_eps")),
-    "cross": (("backbone/text_cross_layers_", "backbone/image_cross_layers_"),
-              ("activation", "layer_norm_eps")),
-    "manager": (("backbone/text_inputs/managers_", "backbone/image_inputs/managers_"),
-                ("layer_norm_eps",)),
-    "bridge": (("backbone/text_inputs/bridges_", "backbone/image_inputs/bridges_"),
-               ("type", "layer_norm_eps")),
-}
 
 
 def read_params(directory: str) -> dict:
@@ -181,24 +167,15 @@ def recorded_model_config(directory: str) -> tuple[str, dict] | None:
 
 
 def config_mismatches(directory: str, source_keys, model_cfg) -> list[str]:
-    """The SHAPELESS_FIELDS of the parts whose parameters `source_keys` ('/'-joined paths)
-    hold, where the config `directory` records differs from `model_cfg` (= config.model);
-    one line each, with the override that matches the source."""
+    """The SHAPELESS_FIELDS (models/config.py) of the parts whose parameters `source_keys`
+    ('/'-joined paths) hold, where the config `directory` records differs from `model_cfg`
+    (= config.model); one line each, with the override that matches the source."""
     recorded = recorded_model_config(directory)
     if recorded is None:
         return []
     path, source_cfg = recorded
-    lines = []
-    for part, (prefixes, fields) in SHAPELESS_FIELDS.items():
-        if part not in model_cfg or not any(k.startswith(prefixes) for k in source_keys):
-            continue
-        for field in fields:
-            theirs = source_cfg.get(part, {}).get(field)
-            ours = model_cfg[part].get(field)
-            if theirs is not None and theirs != ours:
-                lines.append(f"  model.{part}.{field}: {theirs!r} in {path}, {ours!r} in this run"
-                             f" (--config.model.{part}.{field}={theirs})")
-    return lines
+    return [f"  {key}: {theirs!r} in {path}, {ours!r} in this run (--config.{key}={theirs})"
+            for key, theirs, ours in shapeless_differences(source_cfg, model_cfg, source_keys)]
 
 
 def read_sources(init_from: str, model_cfg=None) -> dict:
