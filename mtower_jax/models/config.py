@@ -72,8 +72,8 @@ def shapeless_differences(recorded, cfg, param_paths=None) -> list[tuple[str, ob
     parameters `param_paths` ('/'-joined) hold; every part if None."""
     out = []
     for part, (prefixes, fields) in SHAPELESS_FIELDS.items():
-        if part not in cfg or part not in recorded or param_paths is not None and not any(
-                path.startswith(prefixes) for path in param_paths):
+        given = param_paths is None or any(path.startswith(prefixes) for path in param_paths)
+        if part not in cfg or part not in recorded or not given:
             continue
         for field in fields:
             theirs, ours = recorded[part].get(field), cfg[part].get(field)
