@@ -41,6 +41,19 @@ def test_train_step_benchmark_prints_one_json_line_with_every_key():
         assert np.isfinite(line[key]) and line[key] > 0, key
     assert line["ratio"] == line["torch_step_s"][0] / line["ours_step_s"][0]
     assert line["manager_over_bridge"] == line["manager_step_s"][0] / line["ours_step_s"][0]
+    assert line["overrides"] == ["model.text.num_layers=1", "model.vision.num_layers=1",
+                                 "model.cross.num_layers=1", "model.manager.num_layers=1"]
+
+
+@pytest.mark.parametrize("args", [[], ["bench"], ["probe", "cuda_dir"], ["base", "fast"]])
+def test_the_gpu_script_refuses_a_stage_or_setting_it_does_not_have(args, tmp_path):
+    """gpu_run.sh spends device time: a typo must stop it before any work, with the usage."""
+    script = "mtower_jax/bench/gpu_run.sh"
+    assert subprocess.run(["bash", "-n", script]).returncode == 0  # it parses
+    result = subprocess.run(["bash", script, *args], capture_output=True, text=True,
+                            env=dict(os.environ, OUT=str(tmp_path / "out")), timeout=60)
+    assert result.returncode == 2 and "usage: gpu_run.sh probe | base SETTING" in result.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_overrides_are_typed_and_checked():

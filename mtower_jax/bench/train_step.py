@@ -22,8 +22,13 @@ Prints one JSON line:
     tflops                                analytic step FLOPs (train/flops.py) / step time
     mfu                                   median over rounds of that round's TFLOP/s over
                                           the peak measured in the same round
-    matmul_peak_tflops                    a dense [2048]^2 matmul in --dtype, measured once
-                                          per round (median)
+    matmul_peak_tflops                    a dense matmul in --dtype ([2048]^2 on a CPU,
+                                          [8192]^2 on an accelerator), measured once per
+                                          round (median)
+and what was run: model, batch, dtype, device, overrides, the per-round step times.
+
+On a GPU, `bash mtower_jax/bench/gpu_run.sh probe` then `... base SETTING` runs issue 9's
+measurements in two device calls (BENCHMARKS.md, "GPU").
 """
 from __future__ import annotations
 
@@ -221,7 +226,8 @@ def benchmark(model: str, batch: int, dtype: str, vs: str, rounds: int, steps: i
     device = jax.local_devices()[0]
     result = {
         "model": model, "batch": batch, "dtype": dtype, "device": device.device_kind,
-        "devices": jax.device_count(), "rounds": rounds, "steps_per_round": steps,
+        "devices": jax.device_count(), "overrides": list(overrides), "rounds": rounds,
+        "steps_per_round": steps,
         "ours_steps_per_s": 1.0 / step_s,
         "compile_s": bridge.compile_s,
         "peak_mem_mb": memory_mb, "peak_mem_source": memory_source,
