@@ -67,6 +67,14 @@ bench() {  # bench SETTING TIMEOUT LOG ARGS...: one train_step benchmark, its JS
   echo "== $name: exit $rc$([ $rc = 124 ] && echo ", stopped at $limit s")" | tee -a "$log"
 }
 
+first_compiles='
+import time, jax, jax.numpy as jnp
+for name, fn in [("ones [256, 256]", lambda: jnp.ones((256, 256))),
+                 ("matmul [1024]^2", lambda: jnp.ones((1024, 1024)) @ jnp.ones((1024, 1024)))]:
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    print(f"first call of {name}: {time.perf_counter() - start:.2f} s", flush=True)'
+
 case $stage in
   probe)
     {
@@ -78,11 +86,14 @@ jaxlib.__version__, 'flax', flax.__version__, 'optax', optax.__version__); print
       "$python" -m pip list 2>/dev/null | grep -i -E '^(jax|nvidia-cuda-nvcc|nvidia-cudnn)'
     } 2>&1 | tee "$out/env.txt"
     for name in default cuda_dir no_autotune; do
-      bench "$name" 120 "$out/probe_$name.log" --model="$probe_model" --batch="$batch" \
+      # A trivial program first: a pathological toolchain shows in seconds, not minutes.
+      with_setting "$name" timeout 30 "$python" -c "$first_compiles" 2>>"$out/probe_$name.log" |
+        sed "s/^/== $name: /"
+      bench "$name" 100 "$out/probe_$name.log" --model="$probe_model" --batch="$batch" \
         --manager=false --rounds=1 --steps=1
     done
     echo "== attention tests"
-    with_setting cuda_dir timeout 180 "$python" -m pytest -q -p no:cacheprovider \
+    with_setting cuda_dir timeout 150 "$python" -m pytest -q -p no:cacheprovider \
       tests/test_attention.py >"$out/attention.log" 2>&1
     echo "== attention tests: exit $?"; tail -n 15 "$out/attention.log"
     ;;
