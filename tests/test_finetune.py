@@ -36,7 +36,7 @@ def finetune_config(task: str, data_dir: str):
 
 
 @pytest.mark.parametrize("task", list(CASES))
-def test_a_tiny_finetune_beats_chance(task, tmp_path_factory):
+def test_a_tiny_finetune_beats_chance(task, tmp_path_factory, caplog):
     data_dir = str(tmp_path_factory.getbasetemp() / "finetune_data")
     workdir = tmp_path_factory.mktemp(task)
     config = finetune_config(task, data_dir)
@@ -51,9 +51,18 @@ def test_a_tiny_finetune_beats_chance(task, tmp_path_factory):
         assert set(submission[0]) == {"question_id", "answer"}
     if task == "snli_ve":  # --mode=eval: the same numbers from the checkpoint
         (workdir / f"eval_{split}.json").unlink()
-        again = loop.evaluate_only(config, str(workdir))[split]
+        with caplog.at_level("WARNING"):
+            again = loop.evaluate_only(config, str(workdir))[split]
         assert again[metric] == pytest.approx(result[metric], abs=1e-6)
         assert json.loads((workdir / f"eval_{split}.json").read_text())["step"] == steps
+        assert "differs from the one it was trained with" not in caplog.text
+        # Another text length fits the same arrays: evaluated, with a warning that names it.
+        config.model.max_text_len -= 8
+        with caplog.at_level("WARNING"):
+            loop.evaluate_only(config, str(workdir))
+        length = config.model.max_text_len
+        assert (f"model.max_text_len: {length + 8} -> {length}" in caplog.text
+                and f"pass --config.model.max_text_len={length + 8}" in caplog.text)
 
 
 def test_a_periodic_vqa_evaluation_leaves_the_submission_file_alone(tmp_path_factory):

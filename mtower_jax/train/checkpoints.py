@@ -394,16 +394,23 @@ class Checkpoints:
                                                    in differences)
                    + "); to train this config, use another --workdir."]))
 
-    def _config_differences(self, step: int) -> list[str]:
+    def config_differences(self, step: int) -> list[tuple[str, object, object]]:
+        """(dotted key, checkpoint value, this run's value) for every config value that
+        differs from the one checkpoint `step` was written with ('(absent)' where one side
+        lacks the key); [] when either config is unknown."""
         saved = self._saved_config(step)
         if not saved or not self._config:
             return []
         old, new = _flat_config(saved), _flat_config(self._config)
-        keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-        if not keys:
+        return [(k, old.get(k, "(absent)"), new.get(k, "(absent)"))
+                for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+    def _config_differences(self, step: int) -> list[str]:
+        differences = self.config_differences(step)
+        if not differences:
             return []
         return ["Config values that differ (checkpoint -> this run):"] + [
-            f"  {k}: {old.get(k, '(absent)')!r} -> {new.get(k, '(absent)')!r}" for k in keys]
+            f"  {k}: {theirs!r} -> {ours!r}" for k, theirs, ours in differences]
 
     def _read(self, step: int, abstract_state: dict, data_iterator) -> tuple[dict, dict | None]:
         """(state, manifest) of `step` as stored; CheckpointDamagedError if unreadable."""

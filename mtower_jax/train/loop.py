@@ -169,8 +169,11 @@ def evaluate_only(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 raise ValueError(f"nothing to evaluate: {checkpoints.directory} holds no "
                                  "checkpoint and config.init_from is empty")
             state, _ = _initial_state(config, checkpoints, abstract_state, init)
+            restored = checkpoints.latest_step()
+            differences = [] if restored is None else checkpoints.config_differences(restored)
         finally:
             checkpoints.close()
+        _warn_of_eval_differences(differences)
         step = int(jax.device_get(state["step"]))
         evaluator = Evaluator(config, model, mesh, workdir)
         results = {}
@@ -179,6 +182,22 @@ def evaluate_only(config: ml_collections.ConfigDict, workdir: str) -> dict:
             path = evaluator.write(split, step, results[split])
             logging.info("%s: %s -> %s", split, results[split], path)
         return results
+
+
+def _warn_of_eval_differences(differences: list[tuple[str, object, object]]) -> None:
+    """`--mode=eval` takes its config from the command line. A checkpoint whose shapes or
+    shapeless model fields differ is refused before this; other differences that change
+    what is evaluated (the task, model.max_text_len, the tokenizer) are only warned of.
+    Dropout is off in evaluation, so its rates are not listed."""
+    relevant = [(key, theirs, ours) for key, theirs, ours in differences
+                if (key.startswith("model.") and "dropout" not in key)
+                or key in ("task", "data.tokenizer_dir")]
+    if relevant:
+        logging.warning(
+            "evaluating a checkpoint under a config that differs from the one it was trained "
+            "with (checkpoint -> this run): %s. To evaluate as trained, pass %s",
+            "; ".join(f"{key}: {theirs!r} -> {ours!r}" for key, theirs, ours in relevant),
+            " ".join(f"--config.{key}={theirs}" for key, theirs, _ in relevant))
 
 
 def _train_data(config: ml_collections.ConfigDict, task, checkpoints: Checkpoints) -> Callable:
