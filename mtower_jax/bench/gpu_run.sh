@@ -6,7 +6,8 @@
 #
 # Why two stages: the first H100 lease never saw a step, because compiling small's init took
 # over 150 s (9.5 s on a laptop CPU) and base's step over 250 s, with XLA's warnings filtered
-# out. `probe` keeps those warnings and times one small bfloat16 compile under each SETTING:
+# out. `probe` keeps those warnings and, under each SETTING, times the first calls of two
+# trivial programs and one small bfloat16 step's compile:
 #   default      the image as it is
 #   cuda_dir     the image's CUDA toolkit (/usr/local/cuda: ptxas) on PATH and named to XLA;
 #                without ptxas XLA falls back to the driver's PTX compiler
