@@ -166,6 +166,16 @@ def _flat_config(config: dict, prefix: str = "") -> dict:
     return out
 
 
+def describe_differences(differences: list[tuple[str, object, object]]) -> list[str]:
+    """'key: checkpoint value -> this run's value' for each (key, theirs, ours)."""
+    return [f"{key}: {theirs!r} -> {ours!r}" for key, theirs, ours in differences]
+
+
+def overrides_to_match(differences: list[tuple[str, object, object]]) -> str:
+    """The command-line overrides that give a run the checkpoint's values."""
+    return " ".join(f"--config.{key}={theirs}" for key, theirs, _ in differences)
+
+
 def _os_reason(error: BaseException) -> str:
     """The operating-system cause of a failed write, e.g. 'No space left on device (errno 28)'."""
     seen = error
@@ -388,11 +398,10 @@ class Checkpoints:
             raise CheckpointMismatchError("\n".join(
                 [f"checkpoint {self.step_dir(step)} was written with a model config that "
                  "computes differently with the same parameters (checkpoint -> this run):"]
-                + [f"  {key}: {theirs!r} -> {ours!r}" for key, theirs, ours in differences]
+                + [f"  {line}" for line in describe_differences(differences)]
                 + ["Nothing was restored. To resume or evaluate that run, pass the config it "
-                   "was written with (" + " ".join(f"--config.{key}={theirs}" for key, theirs, _
-                                                   in differences)
-                   + "); to train this config, use another --workdir."]))
+                   f"was written with ({overrides_to_match(differences)}); to train this "
+                   "config, use another --workdir."]))
 
     def config_differences(self, step: int) -> list[tuple[str, object, object]]:
         """(dotted key, checkpoint value, this run's value) for every config value that
@@ -410,7 +419,7 @@ class Checkpoints:
         if not differences:
             return []
         return ["Config values that differ (checkpoint -> this run):"] + [
-            f"  {k}: {theirs!r} -> {ours!r}" for k, theirs, ours in differences]
+            f"  {line}" for line in describe_differences(differences)]
 
     def _read(self, step: int, abstract_state: dict, data_iterator) -> tuple[dict, dict | None]:
         """(state, manifest) of `step` as stored; CheckpointDamagedError if unreadable."""

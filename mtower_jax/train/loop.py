@@ -40,7 +40,8 @@ import numpy as np
 from mtower_jax.data import pipeline
 from mtower_jax.models.partitioning import resolve_rules
 from mtower_jax.train import flops, mesh as mesh_lib, run_checks
-from mtower_jax.train.checkpoints import Checkpoints
+from mtower_jax.train.checkpoints import (Checkpoints, describe_differences,
+                                          overrides_to_match)
 from mtower_jax.train.evaluation import Evaluator
 from mtower_jax.train.example_log import ExampleLog
 from mtower_jax.train.init_from import load_init_params
@@ -196,8 +197,7 @@ def _warn_of_eval_differences(differences: list[tuple[str, object, object]]) -> 
         logging.warning(
             "evaluating a checkpoint under a config that differs from the one it was trained "
             "with (checkpoint -> this run): %s. To evaluate as trained, pass %s",
-            "; ".join(f"{key}: {theirs!r} -> {ours!r}" for key, theirs, ours in relevant),
-            " ".join(f"--config.{key}={theirs}" for key, theirs, _ in relevant))
+            "; ".join(describe_differences(relevant)), overrides_to_match(relevant))
 
 
 def _train_data(config: ml_collections.ConfigDict, task, checkpoints: Checkpoints) -> Callable:
