@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from mtower_jax.models import config as model_config
-from mtower_jax.models.attention import MultiHeadAttention, resolve_impl
+from mtower_jax.models.attention import MultiHeadAttention, probabilities, resolve_impl
 
 B, LQ, LK, D, H = 3, 7, 9, 32, 4
 FUSED = ("xla", "cudnn") if jax.default_backend() == "gpu" else ("xla",)
@@ -49,6 +49,19 @@ def test_fused_matches_explicit_with_padded_keys(impl):
     floor = 1e-2 * np.sqrt(sum(np.sum(w ** 2) for w in want))
     for g, w in zip(got, want):
         assert np.linalg.norm(g - w) <= tol * max(np.linalg.norm(w), floor), (impl, g.shape)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_probabilities_gradient_matches_the_softmax(dtype):
+    """The written-out backward, which keeps only the output in `dtype`, against autodiff of
+    the float32 softmax: equal in float32; in bfloat16 within the output's rounding."""
+    keys = jax.random.split(jax.random.PRNGKey(3))
+    logits = 3 * jax.random.normal(keys[0], (2, H, LQ, LK))
+    g = jax.random.normal(keys[1], logits.shape)
+    ours = jax.grad(lambda l: jnp.sum(g * probabilities(l, dtype).astype(jnp.float32)))(logits)
+    reference = jax.grad(lambda l: jnp.sum(g * jax.nn.softmax(l, axis=-1)))(logits)
+    error = np.linalg.norm(ours - reference) / np.linalg.norm(reference)
+    assert error < (1e-6 if dtype == jnp.float32 else 1e-2), error
 
 
 def test_padded_keys_do_not_leak():

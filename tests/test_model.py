@@ -299,6 +299,34 @@ def test_sampled_normals_match_the_standard_normal():
     assert np.abs(z).max() < 4.34  # the grid's outermost points, +-Phi^-1(2^-17)
 
 
+@pytest.mark.parametrize("tower", ["manager", "bridge"])
+def test_bfloat16_backward_keeps_no_float32_activation(tower):
+    """What the backward of a bfloat16 pretraining loss (MLM + ITM) keeps from its forward:
+    float32 only for per-row statistics ([..., 1]: LayerNorm means and 1 / std) and per-example
+    loss terms, never an activation. A float32 activation kept is a [B, L, D] or
+    [B, H, L, L] buffer per layer; each one found in base (LayerNorm's x_hat, the managers'
+    weights, the attention probabilities) cost several GiB per chip (docs/SCALING.md)."""
+    from jax._src.ad_checkpoint import saved_residuals  # jax.ad_checkpoint prints them only
+    from mtower_jax.bench.train_step import bench_config, synthetic_batch
+    from mtower_jax.train.tasks import get_task
+    config = bench_config("tiny", tower, 4, "bfloat16")
+    batch = {k: jnp.asarray(v) for k, v in synthetic_batch(config).items()}
+    model, task = build_model(config.model), get_task(config)
+    params = random_variables(config.model)["params"]
+
+    def loss(params, rng):
+        dropout, negatives = jax.random.split(rng)
+        terms, _ = model.apply({"params": params}, batch, losses=("mlm", "itm"), train=True,
+                               method=task.forward,
+                               rngs={"dropout": dropout, "negatives": negatives})
+        return sum(term[0] for term in terms.values())
+    kept = saved_residuals(loss, params, jax.random.PRNGKey(0))
+    activations = [(aval.shape, source) for aval, source in kept
+                   if aval.dtype == jnp.float32 and "argument" not in source
+                   and aval.ndim >= 3 and aval.shape[-1] > 1]
+    assert len(kept) > 100 and not activations, activations
+
+
 @pytest.mark.parametrize("affine", [True, False], ids=["layer_norm", "standardise"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_layer_norm_gradient_matches_autodiff(affine, dtype):

@@ -34,7 +34,8 @@ from absl import app, flags
 
 from mtower_jax.bench.train_step import median_seconds
 from mtower_jax.models import sampling
-from mtower_jax.models.layers import LayerNorm, _normalise, layer_norm, standardise
+from mtower_jax.models.layers import (LayerNorm, _standardised, _statistics, layer_norm,
+                                      standardise)
 from mtower_jax.models.managers import _softmax_mix, _softmax_weights
 from mtower_jax.models.vocab_decoder import blockwise_cross_entropy
 
@@ -83,21 +84,22 @@ def measure(repeats: int) -> dict:
                                               ("fused_qkv", True, False),
                                               ("dot_product_attention", False, True))}
     def autodiff_norm(scale, bias, x):
-        return _normalise(x, 1e-5)[0] * scale + bias
+        return _standardised(x, *_statistics(x, 1e-5)) * scale + bias
     norm = LayerNorm(1e-5)
     ones, zeros = jnp.ones((D,)), jnp.zeros((D,))
     scales, biases = jnp.ones((N, D)), jnp.zeros((N, D))
 
     def norms_then_mix(logits, experts, scales, biases):
-        normed = jnp.stack([layer_norm(experts[n], scales[n], biases[n], 1e-5)
-                            for n in range(N)])
+        normed = tuple(layer_norm(experts[n], scales[n], biases[n], 1e-5) for n in range(N))
         identity = (jnp.ones_like(scales), jnp.zeros_like(biases))  # applied by the norms
         return _softmax_mix(logits, jnp.float32(1.0), normed, *identity)[0]
 
     def affine_in_mix(logits, standardised, scales, biases):
         return _softmax_mix(logits, jnp.float32(1.0), standardised, scales, biases)[0]
 
-    standardised = jnp.stack([standardise(x, 1e-5) for x in experts])
+    # The model's mix takes its experts as a tuple of N [B, T, D] buffers.
+    expert_tuple = tuple(experts)
+    standardised = tuple(standardise(x, 1e-5) for x in experts)
     return {
         "layer_norm": {
             "autodiff": _ms(_fwd_bwd(autodiff_norm, (0, 1, 2)), ones, zeros, x,
@@ -112,14 +114,14 @@ def measure(repeats: int) -> dict:
                                      experts, repeats=repeats),
             "elementwise_custom_vjp": _ms(_fwd_bwd(
                 lambda l, x: _softmax_mix(l, jnp.float32(1.0), x, scales, biases)[0], (0, 1)),
-                logits, experts, repeats=repeats)},
+                logits, expert_tuple, repeats=repeats)},
         "manager_norms": {
-            "norms_then_mix": _ms(_fwd_bwd(norms_then_mix, (0, 1, 2, 3)), logits, experts,
-                                  scales, biases, repeats=repeats),
+            "norms_then_mix": _ms(_fwd_bwd(norms_then_mix, (0, 1, 2, 3)), logits,
+                                  expert_tuple, scales, biases, repeats=repeats),
             "affine_in_mix": _ms(_fwd_bwd(affine_in_mix, (0, 1, 2, 3)), logits, standardised,
                                  scales, biases, repeats=repeats),
             "standardise_once": _ms(_fwd_bwd(lambda x: jnp.stack(
-                [standardise(e, 1e-5) for e in x]), (0,)), experts, repeats=repeats)},
+                [standardise(e, 1e-5) for e in x]), (0,)), expert_tuple, repeats=repeats)},
         "dropout_mask": {
             "bernoulli": _ms(lambda k: jax.random.bernoulli(k, 0.9, shape), keys[7],
                              repeats=repeats),

@@ -3,7 +3,8 @@
     Attention(Q, K, V) = softmax(Q K^T / sqrt(d_head) + mask) V,   Q = x_q W_q, K = x_kv W_k, V = x_kv W_v
 
 Projections are [embed, heads, kv] so tensor parallelism can split heads; the output
-projection is [heads, kv, embed]. Softmax runs in float32 whatever the compute dtype.
+projection is [heads, kv, embed]. Softmax runs in float32 whatever the compute dtype; its
+backward keeps the probabilities in the compute dtype (`probabilities`).
 
 The middle step, softmax(Q K^T) V, has one of these implementations (`model.attention_impl`):
 
@@ -22,6 +23,8 @@ kv_mask): kv_mask must be a padding mask, True then False along the keys, as the
 attention_mask is (right-padded captions).
 """
 from __future__ import annotations
+
+import functools
 
 import flax.linen as nn
 import jax
@@ -52,6 +55,35 @@ def resolve_impl(requested: str, dtype: Dtype, head_dim: int, dropout_active: bo
     if requested == "auto":
         return "cudnn" if cudnn_fits else "explicit"
     return requested
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def probabilities(logits: jax.Array, dtype: Dtype) -> jax.Array:
+    """softmax(logits) over the last dim, computed in float32 from logits [..., Lk] float32,
+    returned in `dtype`.
+
+    The backward keeps only that `dtype` output, which the probabilities' consumer (the
+    einsum with V) keeps anyway: autodiff of a float32 softmax also kept its float32 output,
+    2 extra bytes per probability in bfloat16 (base at 128 examples per chip: 16.6 GiB of
+    float32 probabilities). With p the output and g its gradient:
+        d logits = p (g - sum_k g_k p_k)
+    In bfloat16 that moves the gradients of Q, K and V against a float32 reference from
+    0.53% to 0.56% (relative norm; [8, 65, 4, 64])."""
+    return jax.nn.softmax(logits, axis=-1).astype(dtype)
+
+
+def _probabilities_forward(logits, dtype):
+    p = probabilities(logits, dtype)
+    return p, p
+
+
+def _probabilities_backward(dtype, p, g):
+    del dtype
+    p, g = p.astype(jnp.float32), g.astype(jnp.float32)
+    return (p * (g - jnp.sum(g * p, axis=-1, keepdims=True)),)
+
+
+probabilities.defvjp(_probabilities_forward, _probabilities_backward)
 
 
 def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_mask: jax.Array | None,
@@ -101,10 +133,9 @@ class MultiHeadAttention(nn.Module):
                             dropout_active=train and self.dropout_rate > 0)
         if impl == "explicit":
             logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(head_dim)
-            if kv_mask is not None:
-                logits = jnp.where(kv_mask[:, None, None, :], logits,
-                                   jnp.finfo(jnp.float32).min)
-            probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+            if kv_mask is not None:  # added, not selected: a select's backward keeps its mask
+                logits = logits + jnp.where(kv_mask, 0.0, jnp.finfo(jnp.float32).min)[:, None, None]
+            probs = probabilities(logits, self.dtype)
             probs = Dropout(self.dropout_rate)(probs, deterministic=not train)
             context = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
         else:
