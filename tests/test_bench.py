@@ -62,3 +62,23 @@ def test_overrides_are_typed_and_checked():
     assert config.model.manager.num_layers == 2 and config.model.manager.noise is False
     with pytest.raises(ValueError, match="model.manager.layers"):
         bench_config("tiny", "manager", 8, "float32", ("model.manager.layers=2",))
+
+
+def test_every_kernel_alternative_traces_forward_and_backward():
+    """bench.kernels builds each alternative against the model's own functions, whose
+    signatures move (the mix took its experts as a tuple and the script broke unnoticed).
+    Traced, not timed: jax.eval_shape of each jitted function and its gradient."""
+    import jax
+    from mtower_jax.bench import kernels
+
+    traced = []
+
+    def trace(fn, *args):
+        traced.append(jax.eval_shape(jax.jit(fn), *args))
+        return 0.0
+    result = kernels.measure(trace)
+    names = {piece: sorted(alternatives) for piece, alternatives in result.items()}
+    assert names["layer_norm"] == ["autodiff", "custom_vjp"]
+    assert names["manager_mix"] == ["elementwise_custom_vjp", "elementwise_terms",
+                                    "softmax_over_axis0"]
+    assert len(traced) == sum(len(a) for a in names.values()) == 18

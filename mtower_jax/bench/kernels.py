@@ -43,8 +43,13 @@ _REPEATS = flags.DEFINE_integer("repeats", 20, "Timed calls per alternative.")
 B, T, D, H, N = 32, 65, 256, 4, 4
 
 
-def _ms(fn: Callable, *args, repeats: int) -> float:
-    return 1e3 * median_seconds(jax.jit(fn), args, repeats)
+# timer(fn, *args) -> median milliseconds of jit(fn)(*args); a test passes one that only
+# traces, which is where a wrong pytree or custom_vjp signature fails.
+Timer = Callable[..., float]
+
+
+def milliseconds(repeats: int) -> Timer:
+    return lambda fn, *args: 1e3 * median_seconds(jax.jit(fn), args, repeats)
 
 
 def _fwd_bwd(f: Callable, argnums: tuple[int, ...]) -> Callable:
@@ -67,7 +72,7 @@ def _attention(fused: bool, library: bool) -> Callable:
     return attend
 
 
-def measure(repeats: int) -> dict:
+def measure(timer: Timer) -> dict:
     keys = jax.random.split(jax.random.PRNGKey(0), 8)
     experts = jax.random.normal(keys[0], (N, B, T, D))
     logits = jax.random.normal(keys[1], (N, B, T, D))
@@ -78,8 +83,7 @@ def measure(repeats: int) -> dict:
     x = jax.random.normal(keys[2], (B, T, D))
     w = [0.02 * jax.random.normal(keys[3 + i], (D, H, D // H)) for i in range(3)]
     wo = 0.02 * jax.random.normal(keys[6], (H, D // H, D))
-    attention = {name: _ms(_fwd_bwd(_attention(fused, library), (0, 1, 2, 3, 4)), x, *w, wo,
-                           repeats=repeats)
+    attention = {name: timer(_fwd_bwd(_attention(fused, library), (0, 1, 2, 3, 4)), x, *w, wo)
                  for name, fused, library in (("separate_qkv", False, False),
                                               ("fused_qkv", True, False),
                                               ("dot_product_attention", False, True))}
@@ -102,42 +106,35 @@ def measure(repeats: int) -> dict:
     standardised = tuple(standardise(x, 1e-5) for x in experts)
     return {
         "layer_norm": {
-            "autodiff": _ms(_fwd_bwd(autodiff_norm, (0, 1, 2)), ones, zeros, x,
-                            repeats=repeats),
-            "custom_vjp": _ms(_fwd_bwd(lambda s, b, x: norm.apply(
-                {"params": {"scale": s, "bias": b}}, x), (0, 1, 2)), ones, zeros, x,
-                repeats=repeats)},
+            "autodiff": timer(_fwd_bwd(autodiff_norm, (0, 1, 2)), ones, zeros, x),
+            "custom_vjp": timer(_fwd_bwd(lambda s, b, x: norm.apply(
+                {"params": {"scale": s, "bias": b}}, x), (0, 1, 2)), ones, zeros, x)},
         "manager_mix": {
-            "softmax_over_axis0": _ms(_fwd_bwd(reduce_mix, (0, 1)), logits, experts,
-                                      repeats=repeats),
-            "elementwise_terms": _ms(_fwd_bwd(elementwise_autodiff, (0, 1)), logits,
-                                     experts, repeats=repeats),
-            "elementwise_custom_vjp": _ms(_fwd_bwd(
+            "softmax_over_axis0": timer(_fwd_bwd(reduce_mix, (0, 1)), logits, experts),
+            "elementwise_terms": timer(_fwd_bwd(elementwise_autodiff, (0, 1)), logits, experts),
+            "elementwise_custom_vjp": timer(_fwd_bwd(
                 lambda l, x: _softmax_mix(l, jnp.float32(1.0), x, scales, biases)[0], (0, 1)),
-                logits, expert_tuple, repeats=repeats)},
+                logits, expert_tuple)},
         "manager_norms": {
-            "norms_then_mix": _ms(_fwd_bwd(norms_then_mix, (0, 1, 2, 3)), logits,
-                                  expert_tuple, scales, biases, repeats=repeats),
-            "affine_in_mix": _ms(_fwd_bwd(affine_in_mix, (0, 1, 2, 3)), logits, standardised,
-                                 scales, biases, repeats=repeats),
-            "standardise_once": _ms(_fwd_bwd(lambda x: jnp.stack(
-                [standardise(e, 1e-5) for e in x]), (0,)), expert_tuple, repeats=repeats)},
+            "norms_then_mix": timer(_fwd_bwd(norms_then_mix, (0, 1, 2, 3)), logits,
+                                    expert_tuple, scales, biases),
+            "affine_in_mix": timer(_fwd_bwd(affine_in_mix, (0, 1, 2, 3)), logits, standardised,
+                                   scales, biases),
+            "standardise_once": timer(_fwd_bwd(lambda x: jnp.stack(
+                [standardise(e, 1e-5) for e in x]), (0,)), expert_tuple)},
         "dropout_mask": {
-            "bernoulli": _ms(lambda k: jax.random.bernoulli(k, 0.9, shape), keys[7],
-                             repeats=repeats),
-            "keep_mask_16bit": _ms(lambda k: sampling.keep_mask(k, shape, 0.9), keys[7],
-                                   repeats=repeats)},
+            "bernoulli": timer(lambda k: jax.random.bernoulli(k, 0.9, shape), keys[7]),
+            "keep_mask_16bit": timer(lambda k: sampling.keep_mask(k, shape, 0.9), keys[7])},
         "manager_noise": {
-            "jax_random_normal": _ms(lambda k: jax.random.normal(k, (N, B, T, D)), keys[7],
-                                     repeats=repeats),
-            "quantile_table": _ms(lambda k: sampling.standard_normal(k, (N, B, T, D)), keys[7],
-                                  repeats=repeats)},
+            "jax_random_normal": timer(lambda k: jax.random.normal(k, (N, B, T, D)), keys[7]),
+            "quantile_table": timer(lambda k: sampling.standard_normal(k, (N, B, T, D)),
+                                    keys[7])},
         "attention": attention,
-        "mlm_loss": _mlm_loss(keys[7], repeats),
+        "mlm_loss": _mlm_loss(keys[7], timer),
     }
 
 
-def _mlm_loss(key: jax.Array, repeats: int) -> dict:
+def _mlm_loss(key: jax.Array, timer: Timer) -> dict:
     rows, vocab = B * 12, 50265  # small's 12 masked positions per text
     k = jax.random.split(key, 3)
     x = jax.random.normal(k[0], (rows, D))
@@ -155,15 +152,16 @@ def _mlm_loss(key: jax.Array, repeats: int) -> dict:
             return ce + correct
         return loss
     grads = lambda f: jax.grad(lambda *a: jnp.sum(f(*a)), argnums=(0, 1, 2))
-    return {name: _ms(grads(f), x, kernel, bias, repeats=repeats)
+    return {name: timer(grads(f), x, kernel, bias)
             for name, f in (("whole_logits_optax", whole), ("blockwise_1", blocks(1)),
                             ("blockwise_8", blocks(8)))}
 
 
 def main(argv: list[str]) -> None:
     del argv
-    print(json.dumps({"device": jax.local_devices()[0].device_kind, "shapes": dict(
-        batch=B, tokens=T, hidden=D, heads=H, experts=N), **measure(_REPEATS.value)}))
+    shapes = dict(batch=B, tokens=T, hidden=D, heads=H, experts=N)
+    print(json.dumps({"device": jax.local_devices()[0].device_kind, "shapes": shapes,
+                      **measure(milliseconds(_REPEATS.value))}))
 
 
 if __name__ == "__main__":
