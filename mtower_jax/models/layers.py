@@ -122,14 +122,10 @@ def _standardised(x: jax.Array, mean: jax.Array, rstd: jax.Array) -> jax.Array:
     return (x.astype(jnp.float32) - mean) * rstd
 
 
-def _normalise_backward(x: jax.Array, mean: jax.Array, rstd: jax.Array,
-                        g: jax.Array) -> jax.Array:
-    """d x = rstd (g - mean(g) - x_hat mean(g x_hat)) (means over D), g = d x_hat float32,
-    in x's dtype."""
-    x_hat = _standardised(x, mean, rstd)
-    d_x = rstd * (g - jnp.mean(g, axis=-1, keepdims=True)
-                  - x_hat * jnp.mean(g * x_hat, axis=-1, keepdims=True))
-    return d_x.astype(x.dtype)
+def _normalise_backward(x_hat: jax.Array, rstd: jax.Array, g: jax.Array) -> jax.Array:
+    """d x = rstd (g - mean(g) - x_hat mean(g x_hat)) (means over D), g = d x_hat float32."""
+    return rstd * (g - jnp.mean(g, axis=-1, keepdims=True)
+                   - x_hat * jnp.mean(g * x_hat, axis=-1, keepdims=True))
 
 
 # The backward keeps x in its own dtype and the per-row statistics, and recomputes x_hat: a
@@ -157,13 +153,13 @@ def _layer_norm_forward(x, scale, bias, epsilon):
 def _layer_norm_backward(epsilon, residuals, g):
     del epsilon
     x, mean, rstd, scale = residuals
-    g = g.astype(jnp.float32)
+    x_hat, g = _standardised(x, mean, rstd), g.astype(jnp.float32)
     # A dot over every leading dim (XLA:CPU's fast reduction), not over rows made by a
     # reshape: merging an unsplit leading dim with a batch dim split across devices (ln_post
     # on the stacked layers [N, B, T, D]) cannot stay split, and XLA gathered the whole batch.
-    d_scale = jnp.einsum("...d,...d->d", g, _standardised(x, mean, rstd))
+    d_scale = jnp.einsum("...d,...d->d", g, x_hat)
     d_bias = jnp.sum(g, axis=tuple(range(g.ndim - 1)))
-    return _normalise_backward(x, mean, rstd, g * scale), d_scale, d_bias
+    return _normalise_backward(x_hat, rstd, g * scale).astype(x.dtype), d_scale, d_bias
 
 
 layer_norm.defvjp(_layer_norm_forward, _layer_norm_backward)
@@ -184,7 +180,9 @@ def _standardise_forward(x, epsilon):
 
 def _standardise_backward(epsilon, residuals, g):
     del epsilon
-    return (_normalise_backward(*residuals, g.astype(jnp.float32)),)
+    x, mean, rstd = residuals
+    d_x = _normalise_backward(_standardised(x, mean, rstd), rstd, g.astype(jnp.float32))
+    return (d_x.astype(x.dtype),)
 
 
 standardise.defvjp(_standardise_forward, _standardise_backward)
